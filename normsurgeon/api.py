@@ -1,0 +1,273 @@
+"""``convert``: choose the transform, trace, plan, (refuse or) apply, report."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .errors import ModelInTrainingModeError, NormSurgeonError, StrictModeError
+from .functional import rel_error
+from .report import Action, ConversionReport, SiteRecord
+from .rules import get_transform
+from .rules.base import Context, Decision
+from .tracing import is_batchnorm, record_inputs, set_submodule, trace_regions
+
+__all__ = ["convert", "convert_with_report", "inspect", "ConversionResult"]
+
+log = logging.getLogger("normsurgeon")
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert_with_report` returns: the converted model and its report."""
+
+    model: nn.Module
+    report: ConversionReport
+
+    def __iter__(self):  # allows ``model, report = convert_with_report(...)``
+        return iter((self.model, self.report))
+
+
+def convert(
+    model: nn.Module,
+    to: str = "fold",
+    *,
+    example_inputs: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    inplace: bool = False,
+    strict: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    **options: Any,
+) -> nn.Module:
+    """Convert the BatchNorm layers of ``model`` and return the converted module.
+
+    Args:
+        model: the trained model. Left untouched unless ``inplace=True``.
+        to: a registered transform (:func:`normsurgeon.available_transforms`): ``"fold"``
+            removes eval BatchNorm by folding it into neighbouring layers.
+        example_inputs: a tensor or tuple of positional inputs. Optional, but it lets
+            normsurgeon trace models that ``torch.fx`` cannot (concrete tracing), prove 2-D
+            layouts for Linear ↔ BatchNorm1d folds, and measure the output difference.
+        include / exclude: glob pattern(s) on BatchNorm qualified names (``"layer1.*"``).
+        inplace: modify ``model`` itself instead of a deep copy.
+        strict: raise :class:`StrictModeError` listing every site that would be left alone,
+            before anything is changed.
+        leaf_modules: extra module types never traced into.
+        **options: transform-specific options (e.g. ``cond_dim`` for ``to="cbn"``).
+
+    The report is available through :func:`convert_with_report` or :func:`inspect`.
+    """
+    return convert_with_report(
+        model, to, example_inputs=example_inputs, include=include, exclude=exclude,
+        inplace=inplace, strict=strict, leaf_modules=leaf_modules, **options,
+    ).model
+
+
+def inspect(
+    model: nn.Module,
+    to: str = "fold",
+    *,
+    example_inputs: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    **options: Any,
+) -> ConversionReport:
+    """Dry run: the report of what :func:`convert` would do. ``model`` is not modified."""
+    return _run(model, to, example_inputs, include, exclude, inplace=True, strict=False,
+                leaf_modules=leaf_modules, options=options, dry_run=True).report
+
+
+def convert_with_report(
+    model: nn.Module,
+    to: str = "fold",
+    *,
+    example_inputs: Any = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    inplace: bool = False,
+    strict: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    **options: Any,
+) -> ConversionResult:
+    """Like :func:`convert`, and also return the :class:`ConversionReport`
+    (``model, report = convert_with_report(...)``)."""
+    return _run(model, to, example_inputs, include, exclude, inplace=inplace, strict=strict,
+                leaf_modules=leaf_modules, options=options, dry_run=False)
+
+
+def _patterns(p: str | Sequence[str] | None, what: str) -> list[str] | None:
+    if p is None:
+        return None
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, Iterable) and all(isinstance(x, str) for x in p):
+        return list(p)
+    raise TypeError(f"{what} must be a glob pattern or a list of them, got {p!r}")
+
+
+def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a tuple of positional inputs, got "
+                    f"{type(example_inputs).__name__}")
+
+
+def _with_bn_below(model: nn.Module) -> set[int]:
+    """ids of modules that have a BatchNorm strictly below them."""
+    out: set[int] = set()
+
+    def walk(m: nn.Module) -> bool:
+        found = False
+        for c in m.children():
+            below = walk(c)
+            found = found or below or is_batchnorm(c)
+        if found:
+            out.add(id(m))
+        return found
+
+    walk(model)
+    return out
+
+
+def compare_outputs(out: Any, ref: Any) -> float:
+    """Max SPEC §6 relative error over every tensor in two (nested) outputs."""
+    a = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    b = [t for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
+    if len(a) != len(b):
+        raise NormSurgeonError(f"converted model returned {len(a)} tensors, original {len(b)}")
+    return max((rel_error(x, y) for x, y in zip(a, b)), default=0.0)
+
+
+def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: Any, *,
+         inplace: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
+         options: dict[str, Any], dry_run: bool) -> ConversionResult:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    transform = get_transform(to)(**options)
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    inputs = _as_inputs(example_inputs)
+    if transform.needs_eval and model.training:
+        raise ModelInTrainingModeError(
+            f"to={to!r} needs inference semantics but the model is in training mode; "
+            "call model.eval() first")
+    t0 = time.perf_counter()
+    work = model if inplace else copy.deepcopy(model)
+
+    # 1. analyse ---------------------------------------------------------------------------
+    holders = _with_bn_below(work)
+    recorded: dict[int, tuple[Any, ...]] = {}
+    ref_out = None
+    if inputs is not None:
+        wanted = [m for m in work.modules() if id(m) in holders]
+        recorded, ref_out = record_inputs(work, inputs, wanted)
+    regions, status = trace_regions(work, needs=lambda m: id(m) in holders, inputs=recorded,
+                                    leaf_types=leaf_modules)
+    ctx = Context(work, regions, status, options=dict(options))
+
+    # 2. plan -------------------------------------------------------------------------------
+    decisions: list[Decision] = []
+    records: dict[str, SiteRecord] = {}
+    reached: set[int] = set()
+    for site in ctx.sites():
+        if site.module is not None:
+            reached.add(id(site.module))
+        if (inc is not None and not any(fnmatch.fnmatchcase(site.name, p) for p in inc)) or (
+                exc is not None and any(fnmatch.fnmatchcase(site.name, p) for p in exc)):
+            records[site.name] = SiteRecord(site.name, site.kind, Action.EXCLUDED,
+                                            reason="excluded by include/exclude patterns",
+                                            trace=site.region.mode)
+            continue
+        d = transform.plan(ctx, site)
+        decisions.append(d)
+        if d.rule is None:
+            records[site.name] = SiteRecord(site.name, site.kind, Action.SKIPPED,
+                                            reason=d.reason, trace=site.region.mode)
+    for qual, m in work.named_modules():
+        if is_batchnorm(m) and id(m) not in reached:
+            records[qual] = SiteRecord(qual, type(m).__name__, Action.SKIPPED,
+                                       reason=_unreached_reason(qual, status), trace="none")
+    if strict:
+        bad = {r.name: r.reason for r in records.values() if r.action == Action.SKIPPED}
+        if bad:
+            raise StrictModeError(bad)
+
+    # 3. apply ------------------------------------------------------------------------------
+    report = ConversionReport(transform=to, regions=dict(status), dry_run=dry_run)
+    for d in decisions:
+        if d.rule is None:
+            continue
+        if dry_run:
+            records[d.site.name] = SiteRecord(
+                d.site.name, d.site.kind, d.action, target=getattr(d.match, "layer_name", ""),
+                detail=f"{getattr(d.rule, 'direction', '')}, {d.rule.name}".strip(", "),
+                trace=d.site.region.mode)
+            continue
+        try:
+            records[d.site.name] = transform.apply(ctx, d)
+        except NormSurgeonError:
+            raise
+        except Exception as e:
+            raise NormSurgeonError(f"rule {d.rule.name!r} failed on {d.site.name}: {e}") from e
+    order = {name: i for i, (name, _) in enumerate(work.named_modules())}
+    report.sites = sorted(records.values(), key=lambda r: (order.get(r.name, len(order)), r.name))
+    if dry_run:
+        report.seconds = time.perf_counter() - t0
+        return ConversionResult(model, report)
+
+    work = _rebuild(work, ctx)
+    work = transform.finalize(work, ctx, report)
+    report.seconds = time.perf_counter() - t0
+    if inputs is not None and transform.needs_eval:
+        with torch.no_grad():
+            report.max_rel_error = compare_outputs(work(*inputs), ref_out)
+    log.info("%s", report.summary())
+    return ConversionResult(work, report)
+
+
+def _unreached_reason(qual: str, status: dict[str, str]) -> str:
+    parts = qual.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        parent = ".".join(parts[:i])
+        st = status.get(parent)
+        if st is None:
+            continue
+        if st.startswith("untraceable"):
+            hint = "" if "concrete" in st else "; pass example_inputs to trace it concretely"
+            return f"inside untraceable module {parent or '<model>'} ({st[13:]}){hint}"
+        return "not called in the traced forward"
+    return "not reached by tracing"
+
+
+def _rebuild(work: nn.Module, ctx: Context) -> nn.Module:
+    """Regions whose graph was edited (functional BN removed) replace their module."""
+    removed = ctx.options.get("_removed_nodes", [])
+    for region in ctx.regions:
+        if region.name not in ctx.rebuild:
+            continue
+        for site in removed:
+            if site.region is region:
+                site.node.replace_all_uses_with(site.input_node)
+                region.graph.erase_node(site.node)
+        region.graph.lint()
+        gm = region.graph_module()
+        gm.recompile()
+        if region.name:
+            set_submodule(work, region.name, gm)
+        else:
+            work = gm
+    return work

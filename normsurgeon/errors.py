@@ -1,0 +1,58 @@
+"""Exceptions raised by normsurgeon.
+
+Misuse of the API raises; a BatchNorm that cannot be transformed is *reported*, not raised,
+unless ``strict=True`` asks for an error.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NormSurgeonError",
+    "ModelInTrainingModeError",
+    "UnknownTransformError",
+    "StrictModeError",
+    "ConditionError",
+    "ExportError",
+    "VerificationError",
+]
+
+
+class NormSurgeonError(Exception):
+    """Base class of every error normsurgeon raises on purpose."""
+
+
+class ModelInTrainingModeError(NormSurgeonError, ValueError):
+    """Folding needs inference semantics; the model was in training mode."""
+
+
+class UnknownTransformError(NormSurgeonError, ValueError):
+    """``to=`` named a transform that is not registered."""
+
+
+class StrictModeError(NormSurgeonError):
+    """``strict=True`` and at least one BatchNorm could not be transformed.
+
+    ``reasons`` maps each BatchNorm's qualified name to why it was left alone.
+    """
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        self.reasons = dict(reasons)
+        lines = [f"{len(reasons)} BatchNorm site(s) could not be transformed (strict=True):"]
+        lines += [f"  - {name}: {why}" for name, why in reasons.items()]
+        super().__init__("\n".join(lines))
+
+
+class ConditionError(NormSurgeonError, ValueError):
+    """A conditional model received a condition of the wrong shape or dtype."""
+
+
+class ExportError(NormSurgeonError):
+    """ONNX export failed or produced an invalid graph."""
+
+
+class VerificationError(NormSurgeonError):
+    """An exported graph disagreed with PyTorch beyond tolerance. ``result`` holds the numbers."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

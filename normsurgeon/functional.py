@@ -1,0 +1,139 @@
+r"""Pure tensor math for BatchNorm surgery. No ``nn.Module``, no FX.
+
+Eval-mode BatchNorm is a per-channel affine map (SPEC §1):
+
+.. math::  y = s \odot x + t, \quad s = \gamma / \sqrt{\sigma^2_{run} + \epsilon},
+           \quad t = \beta - \mu_{run} \odot s
+
+Every fold below is computed in float64 and cast back to the dtype *and strides* of the
+parameter it replaces, so channels_last weights stay channels_last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "bn_scale_shift",
+    "fold_conv_bn",
+    "fold_conv_transpose_bn",
+    "fold_linear_bn",
+    "fold_bn_conv",
+    "fold_bn_linear",
+    "cast_like",
+    "rel_error",
+]
+
+
+def bn_scale_shift(
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Return ``(s, t)`` in float64 with ``s = γ / sqrt(var + eps)`` and ``t = β − μ·s``.
+
+    ``γ = 1`` and ``β = 0`` when ``weight`` / ``bias`` are ``None`` (``affine=False``).
+    """
+    mean = running_mean.detach().to(torch.float64)
+    var = running_var.detach().to(torch.float64)
+    s = torch.rsqrt(var + float(eps))
+    if weight is not None:
+        s = s * weight.detach().to(torch.float64)
+    t = -mean * s
+    if bias is not None:
+        t = t + bias.detach().to(torch.float64)
+    return s, t
+
+
+def cast_like(value: Tensor, ref: Tensor) -> Tensor:
+    """Cast ``value`` to ``ref``'s dtype and device, and copy it into ``ref``'s exact strides."""
+    out = torch.empty_strided(ref.size(), ref.stride(), dtype=ref.dtype, device=ref.device)
+    out.copy_(value.detach())
+    return out
+
+
+def _bias64(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
+    if bias is None:
+        return torch.zeros(n, dtype=torch.float64, device=like.device)
+    return bias.detach().to(torch.float64)
+
+
+def fold_conv_bn(
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""Conv → BN: ``W'[o] = W[o]·s[o]``, ``b' = s·b + t`` (exact for any stride/padding/groups).
+
+    ``weight`` is (Cout, Cin/g, k...). Returns ``(W', b')`` in float64; cast with :func:`cast_like`.
+    """
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    w = weight.detach().to(torch.float64) * s.reshape(shape)
+    b = s * _bias64(bias, s.numel(), s) + t
+    return w, b
+
+
+def fold_conv_transpose_bn(
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, groups: int
+) -> tuple[Tensor, Tensor]:
+    r"""ConvTranspose → BN.
+
+    ``W`` is (Cin, Cout/g, k...). Output channel ``o = g_idx·(Cout/g) + j`` lives at
+    ``W[g_idx·(Cin/g) + i, j]``; so view W as (g, Cin/g, Cout/g, k...) and multiply by ``s``
+    viewed (g, 1, Cout/g, 1...). ``b' = s·b + t``.
+    """
+    cin, cout_g = weight.shape[0], weight.shape[1]
+    k = tuple(weight.shape[2:])
+    w = weight.detach().to(torch.float64).reshape((groups, cin // groups, cout_g) + k)
+    w = w * s.reshape((groups, 1, cout_g) + (1,) * len(k))
+    b = s * _bias64(bias, s.numel(), s) + t
+    return w.reshape(weight.shape), b
+
+
+def fold_linear_bn(
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""Linear → BatchNorm1d on a 2-D (N, F) tensor: ``W'[o,:] = W[o,:]·s[o]``, ``b' = s·b + t``."""
+    return fold_conv_bn(weight, bias, s, t)
+
+
+def fold_bn_conv(
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, groups: int
+) -> tuple[Tensor, Tensor]:
+    r"""BN → Conv (BN *before* the conv): ``W'[o,i] = W[o,i]·s[c(o,i)]``,
+    ``b'[o] = b[o] + Σ_{i,k} W[o,i,k]·t[c(o,i)]`` with the group-aware input channel
+    ``c(o,i) = (o // (Cout/g))·(Cin/g) + i``.
+
+    Exact only when the conv never reads padded zeros that the BN would have shifted
+    (padding 0, a non-zero padding mode, or ``t == 0``); the caller checks that.
+    """
+    cout, cin_g = weight.shape[0], weight.shape[1]
+    cout_g = cout // groups
+    k = tuple(weight.shape[2:])
+    w64 = weight.detach().to(torch.float64)
+    # s_oi[o, i] = s[c(o, i)]
+    s_g = s.reshape(groups, 1, cin_g).expand(groups, cout_g, cin_g).reshape(cout, cin_g)
+    t_g = t.reshape(groups, 1, cin_g).expand(groups, cout_g, cin_g).reshape(cout, cin_g)
+    ones = (1,) * len(k)
+    w = w64 * s_g.reshape((cout, cin_g) + ones)
+    b = _bias64(bias, cout, s) + (w64 * t_g.reshape((cout, cin_g) + ones)).sum(
+        dim=tuple(range(1, w64.dim()))
+    )
+    return w, b
+
+
+def fold_bn_linear(
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""BN → Linear on a 2-D input: ``W'[:, i] = W[:, i]·s[i]``, ``b' = b + W·t``."""
+    w64 = weight.detach().to(torch.float64)
+    return w64 * s.reshape(1, -1), _bias64(bias, weight.shape[0], s) + w64 @ t
+
+
+def rel_error(y: Tensor, ref: Tensor) -> float:
+    r"""``max|y − ref| / max(max|ref|, 1e-12)`` (SPEC §6), computed in float64."""
+    y64, r64 = y.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if r64.numel() == 0:
+        return 0.0
+    return float((y64 - r64).abs().max() / max(float(r64.abs().max()), 1e-12))

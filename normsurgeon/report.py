@@ -1,0 +1,131 @@
+"""One report type for every transform: a record per BatchNorm site."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Action", "SiteRecord", "ConversionReport"]
+
+
+class Action:
+    """What happened to a BatchNorm site."""
+
+    FOLDED = "folded"
+    REPLACED = "replaced"
+    SKIPPED = "skipped"
+    EXCLUDED = "excluded"
+
+
+@dataclass
+class SiteRecord:
+    """One BatchNorm site.
+
+    ``name`` is the module's qualified name (or ``<region>:<node>`` for a functional
+    ``F.batch_norm``); ``target`` the layer it was folded into or replaced by; ``reason`` why it
+    was left alone (empty when it was transformed); ``trace`` how its region was analysed.
+    """
+
+    name: str
+    kind: str
+    action: str
+    target: str = ""
+    detail: str = ""
+    reason: str = ""
+    trace: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.action in (Action.FOLDED, Action.REPLACED)
+
+
+@dataclass
+class ConversionReport:
+    """Everything ``convert`` did and did not do.
+
+    ``sites`` lists every BatchNorm in the model exactly once. ``regions`` maps each traced
+    region (``""`` is the whole model) to how it was traced: ``symbolic`` (torch.fx),
+    ``concrete`` (fx with example values, shape-specialised, used for analysis only) or
+    ``untraceable: <error>``. ``max_rel_error`` is ``rel(converted, original)`` on the example
+    inputs when they were given.
+    """
+
+    transform: str
+    sites: list[SiteRecord] = field(default_factory=list)
+    regions: dict[str, str] = field(default_factory=dict)
+    max_rel_error: float | None = None
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    # -- summaries -----------------------------------------------------------------------
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of sites per action."""
+        return dict(Counter(s.action for s in self.sites))
+
+    @property
+    def num_changed(self) -> int:
+        return sum(s.changed for s in self.sites)
+
+    @property
+    def skipped(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.action == Action.SKIPPED]
+
+    def __getitem__(self, name: str) -> SiteRecord:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no BatchNorm site named {name!r} in this report")
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def summary(self) -> str:
+        c = self.counts
+        parts = [f"{len(self.sites)} BatchNorm site(s)"]
+        parts += [f"{c[a]} {a}" for a in (Action.FOLDED, Action.REPLACED, Action.SKIPPED,
+                                           Action.EXCLUDED) if c.get(a)]
+        text = f"[{self.transform}{', dry run' if self.dry_run else ''}] " + ", ".join(parts)
+        if self.max_rel_error is not None:
+            text += f"; max rel error vs original {self.max_rel_error:.2e}"
+        return text
+
+    def table(self, max_width: int = 60) -> str:
+        """A fixed-width table, one row per site, then the summary line."""
+        header = ("BatchNorm", "kind", "action", "into / why")
+        rows = []
+        for s in self.sites:
+            what = s.target + (f" ({s.detail})" if s.detail else "") if s.changed else s.reason
+            rows.append((s.name, s.kind, s.action, _clip(what, max_width)))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows]
+        untraced = {k: v for k, v in self.regions.items() if v.startswith("untraceable")}
+        for k, v in untraced.items():
+            lines.append(f"note: {k or '<model>'} {v}")
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "transform": self.transform,
+            "counts": self.counts,
+            "max_rel_error": self.max_rel_error,
+            "seconds": self.seconds,
+            "dry_run": self.dry_run,
+            "regions": dict(self.regions),
+            "sites": [asdict(s) for s in self.sites],
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,239 @@
+"""The shapes every transform shares: BatchNorm sites, the analysis context, rules and passes.
+
+A *rule* has the onnxscript-rewriter shape: ``match`` finds its pattern around one BatchNorm
+site (or returns ``None``), ``check`` returns ``None`` when the rewrite is safe or the *reason*
+it is not (the reason lands in the report), ``rewrite`` performs it. A *transform* is a named
+pass over every site: it plans first (match + check everywhere, no mutation), so that
+``strict=True`` can refuse before anything changes, then applies.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..report import Action, ConversionReport, SiteRecord
+from ..tracing import Region, is_batchnorm
+
+__all__ = ["BNSite", "Context", "Decision", "Rule", "Transform"]
+
+_BN_SIG = inspect.signature(F.batch_norm)
+
+
+@dataclass
+class BNSite:
+    """One BatchNorm application found in a traced region: a module call or ``F.batch_norm``."""
+
+    name: str
+    kind: str
+    node: fx.Node
+    region: Region
+    module: nn.Module | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    uses_batch_stats: bool
+    input_node: fx.Node | None
+
+    @property
+    def num_features(self) -> int:
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        if ref is not None:
+            return int(ref.numel())
+        return int(getattr(self.module, "num_features", -1))
+
+    def stats_problem(self) -> str | None:
+        """Why this BN's eval map is not a fixed affine map, or ``None`` when it is."""
+        if self.uses_batch_stats:
+            if self.module is not None and self.module.training:
+                return "BatchNorm is in training mode (uses batch statistics)"
+            if self.module is not None and not getattr(self.module, "track_running_stats", True):
+                return "track_running_stats=False: it always normalizes with batch statistics"
+            return "uses batch statistics (training=True)"
+        if self.running_mean is None or self.running_var is None:
+            return "has no running statistics"
+        if not (torch.isfinite(self.running_mean).all() and torch.isfinite(self.running_var).all()):
+            return "running statistics are not finite"
+        if not bool(((self.running_var.double() + self.eps) > 0).all()):
+            return "running_var + eps is not positive"
+        for t, what in ((self.weight, "weight"), (self.bias, "bias")):
+            if t is not None and not torch.isfinite(t).all():
+                return f"{what} is not finite"
+        return None
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        from ..functional import bn_scale_shift
+
+        assert self.running_mean is not None and self.running_var is not None  # stats_problem
+        return bn_scale_shift(self.running_mean, self.running_var, self.eps, self.weight,
+                              self.bias)
+
+
+def _kind(m: nn.Module) -> str:
+    return type(m).__name__
+
+
+@dataclass
+class Context:
+    """Model-wide facts the rules consult: regions, call sites, aliases, shared weights."""
+
+    model: nn.Module
+    regions: list[Region]
+    status: dict[str, str]
+    options: dict[str, Any] = field(default_factory=dict)
+    call_counts: Counter[int] = field(default_factory=Counter)
+    names: dict[int, list[str]] = field(default_factory=dict)
+    param_owners: dict[int, set[int]] = field(default_factory=dict)
+    rebuild: set[str] = field(default_factory=set)  # regions whose graph must replace the module
+
+    def __post_init__(self) -> None:
+        for qual, m in self.model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(m), []).append(qual)
+            for p in list(m._parameters.values()) + list(m._buffers.values()):
+                if p is not None:
+                    self.param_owners.setdefault(id(p), set()).add(id(m))
+        for r in self.regions:
+            for n in r.graph.nodes:
+                if n.op == "call_module":
+                    self.call_counts[id(r.module.get_submodule(n.target))] += 1
+
+    def module_of(self, region: Region, node: fx.Node) -> nn.Module | None:
+        if node.op != "call_module":
+            return None
+        return region.module.get_submodule(node.target)
+
+    def single_call_problem(self, module: nn.Module, what: str) -> str | None:
+        """Why rewriting ``module``'s own parameters is unsafe (several sites, aliases, sharing)."""
+        n = self.call_counts[id(module)]
+        if n > 1:
+            return f"{what} is called at {n} sites; folding would change the other calls"
+        if len(self.names.get(id(module), [])) > 1:
+            return f"{what} is registered under several names ({', '.join(self.names[id(module)])})"
+        for p in list(module._parameters.values()):
+            if p is not None and len(self.param_owners.get(id(p), ())) > 1:
+                return f"{what}'s parameters are shared with another module"
+        return None
+
+    def sites(self) -> Iterator[BNSite]:
+        """Every BatchNorm application in the traced regions, in graph order."""
+        for r in self.regions:
+            for n in r.graph.nodes:
+                site = self._site(r, n)
+                if site is not None:
+                    yield site
+
+    def _site(self, r: Region, n: fx.Node) -> BNSite | None:
+        if n.op == "call_module":
+            m = r.module.get_submodule(n.target)
+            if not is_batchnorm(m):
+                return None
+            track = getattr(m, "track_running_stats", True)
+            batch = m.training or not track if hasattr(m, "track_running_stats") else False
+            return BNSite(
+                name=r.qualname(n.target), kind=_kind(m), node=n, region=r, module=m,
+                running_mean=m.running_mean, running_var=m.running_var,
+                weight=m.weight, bias=m.bias, eps=float(m.eps), uses_batch_stats=bool(batch),
+                input_node=n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None,
+            )
+        if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm):
+            return self._functional_site(r, n)
+        return None
+
+    def _functional_site(self, r: Region, n: fx.Node) -> BNSite | None:
+        if n.target is not F.batch_norm:
+            return None
+        try:
+            bound = _BN_SIG.bind(*n.args, **n.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        consts: dict[str, Tensor | None] = {}
+        non_const = []
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            v = a[key]
+            if v is None:
+                consts[key] = None
+            elif isinstance(v, fx.Node) and v.op == "get_attr":
+                consts[key] = _get_attr(r, v.target)
+            else:
+                consts[key] = None
+                non_const.append(key)
+        site = BNSite(
+            name=f"{r.name + '.' if r.name else ''}{n.name}", kind="F.batch_norm", node=n,
+            region=r, module=None, running_mean=consts["running_mean"],
+            running_var=consts["running_var"], weight=consts["weight"], bias=consts["bias"],
+            eps=float(a["eps"]) if not isinstance(a["eps"], fx.Node) else float("nan"),
+            uses_batch_stats=a["training"] is not False,
+            input_node=a["input"] if isinstance(a["input"], fx.Node) else None,
+        )
+        if non_const or isinstance(a["eps"], fx.Node):
+            site.running_mean = None  # makes stats_problem() report it
+            site.kind = "F.batch_norm (non-constant arguments)"
+        return site
+
+
+def _get_attr(r: Region, target: str) -> Any:
+    if target in r.constants:
+        return r.constants[target]
+    obj: Any = r.module
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+@dataclass
+class Decision:
+    """The plan for one site: a rule and its match when transformable, else the reason."""
+
+    site: BNSite
+    rule: Rule | None = None
+    match: Any = None
+    reason: str = ""
+    action: str = Action.SKIPPED
+
+
+class Rule:
+    """A pattern around a BatchNorm site with a safety check and a rewrite."""
+
+    name: ClassVar[str] = "rule"
+
+    def match(self, ctx: Context, site: BNSite) -> Any | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check(self, ctx: Context, match: Any) -> str | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rewrite(self, ctx: Context, match: Any) -> SiteRecord:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Transform:
+    """A named pass: ``plan`` (no mutation) then ``apply``; ``finalize`` may wrap the model."""
+
+    name: ClassVar[str] = "transform"
+    help: ClassVar[str] = ""
+    needs_eval: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def plan(self, ctx: Context, site: BNSite) -> Decision:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, ctx: Context, decision: Decision) -> SiteRecord:
+        assert decision.rule is not None
+        return decision.rule.rewrite(ctx, decision.match)
+
+    def finalize(self, model: nn.Module, ctx: Context, report: ConversionReport) -> nn.Module:
+        return model

@@ -1,0 +1,305 @@
+"""Folding rules: eval BatchNorm into the neighbouring Conv / ConvTranspose / Linear (SPEC §2).
+
+Producer direction (BN after the layer) is tried first, then consumer (BN before the layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .. import functional as Fn
+from ..report import Action, SiteRecord
+from ..tracing import set_submodule, value_users
+from .base import BNSite, Context, Decision, Rule, Transform
+
+__all__ = ["FoldTransform", "FOLD_RULES"]
+
+_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVTS: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                        nn.ConvTranspose3d)
+_LINEARS: tuple[type[nn.Module], ...] = (nn.Linear,)
+
+
+@dataclass
+class FoldMatch:
+    site: BNSite
+    layer_name: str
+    layer: nn.Module
+    layer_node: fx.Node
+
+
+def _standard_layer_problem(m: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | None:
+    """Folding edits ``weight``/``bias``; that is only sound when forward uses them plainly."""
+    cls = type(m)
+    base = next(b for b in bases if isinstance(m, b))
+    if cls.forward is not base.forward or getattr(cls, "_conv_forward", None) is not getattr(
+        base, "_conv_forward", None
+    ):
+        return f"{cls.__name__} overrides forward; its weights may not be used as-is"
+    if parametrize.is_parametrized(m):
+        return f"{cls.__name__} has parametrized weights"
+    if m._forward_pre_hooks or m._forward_hooks:
+        return f"{cls.__name__} has forward hooks (e.g. weight_norm); folding would change them"
+    w = getattr(m, "weight", None)
+    if not isinstance(w, Tensor) or isinstance(w, nn.parameter.UninitializedParameter):
+        return f"{cls.__name__} has no initialized weight"
+    if not w.is_floating_point():
+        return f"{cls.__name__} weight dtype {w.dtype} is not floating point"
+    return None
+
+
+class _FoldRule(Rule):
+    layers: ClassVar[tuple[type[nn.Module], ...]] = ()
+    direction: ClassVar[str] = "producer"
+
+    def match(self, ctx: Context, site: BNSite) -> FoldMatch | None:
+        if self.direction == "producer":
+            node = site.input_node
+        else:
+            users = value_users(site.node)
+            node = users[0] if len(users) == 1 else None
+            if node is not None and (not node.args or node.args[0] is not site.node):
+                node = None
+        if node is None or node.op != "call_module":
+            return None
+        layer = site.region.module.get_submodule(node.target)
+        if not isinstance(layer, self.layers):
+            return None
+        return FoldMatch(site, site.region.qualname(node.target), layer, node)
+
+    def check(self, ctx: Context, m: FoldMatch) -> str | None:
+        site, layer = m.site, m.layer
+        what = f"{type(layer).__name__} {m.layer_name}"
+        if self.direction == "producer":
+            users = value_users(m.layer_node)
+            if users != [site.node]:
+                others = [u.name for u in users if u is not site.node]
+                return f"{what}'s output has other users ({', '.join(others) or 'graph output'})"
+        else:
+            if value_users(site.node) != [m.layer_node]:
+                return "BatchNorm output has several users"
+        problem = (_standard_layer_problem(layer, self.layers)
+                   or ctx.single_call_problem(layer, what))
+        if problem:
+            return problem
+        if site.module is not None:
+            problem = ctx.single_call_problem(site.module, "BatchNorm")
+            if problem and "parameters are shared" not in problem:
+                return problem
+        channels = self.channels(layer)
+        if site.num_features != channels:
+            return (f"BatchNorm has {site.num_features} features but {what} has {channels} "
+                    f"{'output' if self.direction == 'producer' else 'input'} channels")
+        problem = self.specific(ctx, m)
+        if problem:
+            return problem
+        w, b = self.folded(m)
+        for new, ref in ((w, layer.weight), (b, layer.bias if layer.bias is not None else None)):
+            dtype = (ref if ref is not None else layer.weight).dtype
+            if not torch.isfinite(new.to(dtype)).all():
+                return f"folded weights would overflow {dtype}"
+        return None
+
+    # -- hooks for subclasses --------------------------------------------------------------
+    def channels(self, layer: nn.Module) -> int:
+        raise NotImplementedError
+
+    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
+        return None
+
+    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def rewrite(self, ctx: Context, m: FoldMatch) -> SiteRecord:
+        w, b = self.folded(m)
+        layer = m.layer
+        old_w = layer.weight
+        layer.weight = nn.Parameter(Fn.cast_like(w, old_w), requires_grad=old_w.requires_grad)
+        ref_b = layer.bias if layer.bias is not None else old_w.new_empty(b.shape)
+        layer.bias = nn.Parameter(Fn.cast_like(b, ref_b), requires_grad=old_w.requires_grad)
+        _remove_bn(ctx, m.site)
+        return SiteRecord(m.site.name, m.site.kind, Action.FOLDED, target=m.layer_name,
+                          detail=f"{self.direction}, {self.name}", trace=m.site.region.mode)
+
+
+def _two_dim_problem(site: BNSite, node: fx.Node | None, what: str) -> str | None:
+    shape = site.region.output_shape(node) if node is not None else None
+    if shape is None:
+        return (f"cannot prove the {what} tensor is 2-D (N, F), the only layout where the "
+                "BatchNorm channel axis is the Linear feature axis; pass example_inputs")
+    if len(shape) != 2:
+        return (f"{what} tensor has shape {tuple(shape)}: BatchNorm normalizes axis 1, the "
+                "Linear acts on the last axis; folding would be wrong")
+    return None
+
+
+class ConvBN(_FoldRule):
+    """Conv{1,2,3}d → BN: ``W'[o] = W[o]·s[o]``, ``b' = s·b + t``."""
+
+    name = "conv-bn"
+    layers = _CONVS
+
+    def channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
+        s, t = m.site.scale_shift()
+        return Fn.fold_conv_bn(m.layer.weight, m.layer.bias, s, t)
+
+
+class ConvTransposeBN(_FoldRule):
+    """ConvTranspose{1,2,3}d → BN, groups included."""
+
+    name = "convtranspose-bn"
+    layers = _CONVTS
+
+    def channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
+        s, t = m.site.scale_shift()
+        return Fn.fold_conv_transpose_bn(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
+
+
+class LinearBN(_FoldRule):
+    """Linear → BatchNorm1d, only on a proven 2-D (N, F) tensor."""
+
+    name = "linear-bn"
+    layers = _LINEARS
+
+    def channels(self, layer: nn.Module) -> int:
+        return layer.out_features
+
+    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
+        return _two_dim_problem(m.site, m.layer_node, "Linear output")
+
+    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
+        s, t = m.site.scale_shift()
+        return Fn.fold_linear_bn(m.layer.weight, m.layer.bias, s, t)
+
+
+class BNConv(_FoldRule):
+    """BN → Conv, exact only when the conv never reads zero padding (or ``t == 0``)."""
+
+    name = "bn-conv"
+    layers = _CONVS
+    direction = "consumer"
+
+    def channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
+        conv = m.layer
+        if conv.padding_mode != "zeros":
+            return None
+        pad = conv.padding
+        reads_pad = (pad == "same" and any(k > 1 for k in conv.kernel_size)) if isinstance(
+            pad, str) else any(p != 0 for p in pad)
+        if reads_pad:
+            _, t = m.site.scale_shift()
+            if bool((t != 0).any()):
+                return ("conv uses zero padding: the padded zeros would not be shifted by the "
+                        "BatchNorm, so folding would change the borders")
+        return None
+
+    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
+        s, t = m.site.scale_shift()
+        return Fn.fold_bn_conv(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
+
+
+class BNLinear(_FoldRule):
+    """BN → Linear on a proven 2-D input."""
+
+    name = "bn-linear"
+    layers = _LINEARS
+    direction = "consumer"
+
+    def channels(self, layer: nn.Module) -> int:
+        return layer.in_features
+
+    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
+        return _two_dim_problem(m.site, m.site.node, "BatchNorm output")
+
+    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
+        s, t = m.site.scale_shift()
+        return Fn.fold_bn_linear(m.layer.weight, m.layer.bias, s, t)
+
+
+class BNConvTranspose(_FoldRule):
+    """BN → ConvTranspose is never exact: the shift's contribution varies in space. Refused."""
+
+    name = "bn-convtranspose"
+    layers = _CONVTS
+    direction = "consumer"
+
+    def check(self, ctx: Context, m: FoldMatch) -> str | None:
+        return ("BatchNorm before a ConvTranspose cannot fold: the shift's contribution to "
+                "the output varies in space")
+
+
+FOLD_RULES: tuple[_FoldRule, ...] = (ConvBN(), ConvTransposeBN(), LinearBN(), BNConv(),
+                                     BNLinear(), BNConvTranspose())
+
+
+def _remove_bn(ctx: Context, site: BNSite) -> None:
+    """Take the BatchNorm out: erase its node in a region that will be rebuilt, else swap the
+    module for ``nn.Identity`` so the user's own forward keeps running unchanged."""
+    if site.module is None:
+        ctx.rebuild.add(site.region.name)
+    else:
+        set_submodule(site.region.module, site.node.target, nn.Identity())
+    ctx.options.setdefault("_removed_nodes", []).append(site)
+
+
+def _describe(node: fx.Node | None, region_module: nn.Module) -> str:
+    if node is None:
+        return "input"
+    if node.op == "call_module":
+        return f"{type(region_module.get_submodule(node.target)).__name__} {node.target}"
+    if node.op == "placeholder":
+        return f"model input {node.name!r}"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target}()"
+
+
+class FoldTransform(Transform):
+    """Fold inference BatchNorm into neighbouring Conv / ConvTranspose / Linear layers."""
+
+    name = "fold"
+    help = "fold eval BatchNorm into the neighbouring Conv/ConvTranspose/Linear (no BN left)"
+    needs_eval = True
+    rules = FOLD_RULES
+
+    def plan(self, ctx: Context, site: BNSite) -> Decision:
+        if site.module is None and site.region.mode != "symbolic":
+            return Decision(site, reason="functional batch_norm in a region that could only be "
+                            "traced with concrete shapes; its graph cannot be rewritten")
+        problem = site.stats_problem()
+        if problem:
+            return Decision(site, reason=problem)
+        reasons = {}
+        for rule in self.rules:
+            m = rule.match(ctx, site)
+            if m is None:
+                continue
+            why = rule.check(ctx, m)
+            if why is None:
+                return Decision(site, rule, m, action=Action.FOLDED)
+            reasons.setdefault(rule.direction, why)
+        if "producer" not in reasons:
+            reasons["producer"] = (f"producer is {_describe(site.input_node, site.region.module)}"
+                                   ", not a Conv/ConvTranspose/Linear")
+        if "consumer" not in reasons:
+            users = value_users(site.node)
+            if len(users) == 1:
+                reasons["consumer"] = (f"consumer is {_describe(users[0], site.region.module)}"
+                                       ", not a Conv/Linear")
+            else:
+                reasons["consumer"] = f"output has {len(users)} users"
+        return Decision(site, reason="; ".join(f"{k}: {v}" for k, v in reasons.items()))
