@@ -169,7 +169,7 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     work = model if inplace else copy.deepcopy(model)
 
     # 1. analyse ---------------------------------------------------------------------------
-    holders = _with_bn_below(work)
+    holders = _with_bn_below(work) | {id(work)}  # the root may hold functional batch_norm
     recorded: dict[int, tuple[Any, ...]] = {}
     ref_out = None
     if inputs is not None:

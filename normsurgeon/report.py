@@ -92,7 +92,7 @@ class ConversionReport:
             text += f"; max rel error vs original {self.max_rel_error:.2e}"
         return text
 
-    def table(self, max_width: int = 60) -> str:
+    def table(self, max_width: int = 110) -> str:
         """A fixed-width table, one row per site, then the summary line."""
         header = ("BatchNorm", "kind", "action", "into / why")
         rows = []

@@ -264,6 +264,8 @@ def _describe(node: fx.Node | None, region_module: nn.Module) -> str:
         return f"{type(region_module.get_submodule(node.target)).__name__} {node.target}"
     if node.op == "placeholder":
         return f"model input {node.name!r}"
+    if node.op == "output":
+        return "the graph output"
     target = getattr(node.target, "__name__", str(node.target))
     return f"{target}()"
 

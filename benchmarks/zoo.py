@@ -1,0 +1,131 @@
+"""The pytorchcv model zoo as a test bed: enumerate models, fold each, compare with fx ``fuse``.
+
+    python benchmarks/zoo.py                 # full sweep (~850 models), JSON lines to stdout
+    python benchmarks/zoo.py resnet18 mixnet_s
+
+Each model gets random weights and randomized BN statistics (SPEC §6); "builds and runs" means
+the original model produced an output on a random input of its declared size.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import pkgutil
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+ZOO_SKIP_MODULES = {"model_store", "propainter_rfc", "common"}  # torchvision imports / helpers
+
+
+def zoo_models() -> dict[str, tuple[str, str]]:
+    """``{model_name: (module, function)}`` for every model constructor pytorchcv exports."""
+    import pytorchcv.models as pkg
+
+    out: dict[str, tuple[str, str]] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name in ZOO_SKIP_MODULES or info.name.startswith("_"):
+            continue
+        try:
+            mod = importlib.import_module(f"pytorchcv.models.{info.name}")
+        except Exception:  # noqa: BLE001 - modules needing missing extras
+            continue
+        for fn in getattr(mod, "__all__", []):
+            obj = getattr(mod, fn, None)
+            if callable(obj) and not isinstance(obj, type) and fn[0].islower():
+                out.setdefault(fn, (info.name, fn))
+    return out
+
+
+def build(name: str) -> nn.Module:
+    module, fn = zoo_models()[name] if name not in _CACHE else _CACHE[name]
+    return getattr(importlib.import_module(f"pytorchcv.models.{module}"), fn)()
+
+
+_CACHE: dict[str, tuple[str, str]] = {}
+
+
+def example_input(model: nn.Module, batch: int = 1,
+                  size: tuple[int, int] | None = None) -> torch.Tensor:
+    size = size or getattr(model, "in_size", (224, 224))
+    if isinstance(size, int):
+        size = (size, size)
+    channels = getattr(model, "in_channels", 3)
+    return torch.randn(batch, channels, *size)
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics as in SPEC §6 so that folding is really exercised."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.running_mean is not None:
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+def check(name: str, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Fold one zoo model; compare outputs and BN counts with fx ``fuse``."""
+    import normsurgeon as ns
+    from normsurgeon.functional import rel_error
+    from normsurgeon.tracing import is_batchnorm
+
+    torch.manual_seed(0)
+    rec: dict[str, Any] = {"model": name}
+    try:
+        model = randomize(build(name))
+        x = example_input(model, size=size)
+        with torch.no_grad():
+            ref = model(x)
+    except Exception as e:  # noqa: BLE001
+        rec["status"] = "does not build/run"
+        rec["error"] = f"{type(e).__name__}: {e}"[:200]
+        return rec
+    rec["bn"] = sum(is_batchnorm(m) for m in model.modules())
+    t = time.perf_counter()
+    out, report = ns.convert_with_report(model, example_inputs=(x,))
+    rec["seconds"] = round(time.perf_counter() - t, 3)
+    rec["trace"] = report.regions.get("", "?").split(":")[0]
+    rec["bn_left"] = sum(is_batchnorm(m) for m in out.modules())
+    rec["folded"] = report.counts.get("folded", 0)
+    with torch.no_grad():
+        rec["rel"] = rel_error(_first(out(x)), _first(ref))
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(copy.deepcopy(model))
+        rec["fuse_bn_left"] = sum(is_batchnorm(m) for m in fused.modules())
+    except Exception as e:  # noqa: BLE001
+        rec["fuse_bn_left"] = None
+        rec["fuse_error"] = type(e).__name__
+    rec["status"] = "ok"
+    return rec
+
+
+def _first(y: Any) -> torch.Tensor:
+    while isinstance(y, (tuple, list)):
+        y = y[0]
+    return y
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    names = sys.argv[1:] or sorted(zoo_models())
+    for n in names:
+        try:
+            r = check(n)
+        except Exception as e:  # noqa: BLE001 - a sweep must report, not stop
+            r = {"model": n, "status": "convert failed", "error": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps(r), flush=True)

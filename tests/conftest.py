@@ -1,0 +1,66 @@
+"""Shared helpers: SPEC §6 tolerances and randomized BatchNorm statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normsurgeon.functional import rel_error
+
+FOLD_BAR = 1e-5          # fold / convert fp32 vs original
+CONVERT_BAR = 1e-6       # CBN / RBN right after conversion
+ORT_BAR = 1e-5           # onnxruntime CPU vs PyTorch
+HALF_BAR = 1e-2          # fp16 / bf16 folding
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """SPEC §6: running_mean ~ U(-1,1), running_var ~ U(0.5,2), γ ~ U(0.5,1.5), β ~ U(-0.5,0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) or (hasattr(m, "running_mean") and hasattr(m, "eps")):
+                if getattr(m, "running_mean", None) is not None:
+                    n = m.running_mean.numel()
+                    m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+                    m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+                    n = m.weight.numel()
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+def fp64_rel(model: nn.Module, *inputs: torch.Tensor) -> float:
+    """rel error of the fp32 model against its float64 twin (the SPEC's 4x reference)."""
+    import copy
+
+    twin = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref = twin(*[x.double() for x in inputs])
+        out = model(*inputs)
+    return rel_error(out, ref)
+
+
+def assert_fold_exact(original: nn.Module, converted: nn.Module, *inputs: torch.Tensor) -> float:
+    """SPEC §6 fold bar: rel ≤ 1e-5 and ≤ 4× the fp32-vs-fp64 rel of the original."""
+    with torch.no_grad():
+        ref = original(*inputs)
+        out = converted(*inputs)
+    rel = rel_error(out, ref)
+    base = fp64_rel(original, *inputs)
+    assert rel <= FOLD_BAR, f"rel {rel:.3e} > {FOLD_BAR}"
+    assert rel <= max(4 * base, 1e-7), f"rel {rel:.3e} > 4x fp64 baseline {base:.3e}"
+    return rel
+
+
+def count_bn(model: nn.Module) -> int:
+    from normsurgeon.tracing import is_batchnorm
+
+    return sum(is_batchnorm(m) for m in model.modules())
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,152 @@
+"""Property-based tests of the pure fold math against real modules, in float64."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from torch import nn
+
+from normsurgeon import functional as Fn
+
+from .conftest import randomize_bn
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SPATIAL = {1: 9, 2: 7, 3: 5}
+
+
+def _bn(c: int, dim: int, affine: bool, seed: int) -> nn.BatchNorm2d:
+    bn = BN[dim](c, affine=affine).double().eval()
+    return randomize_bn(bn, seed)
+
+
+def _ss(bn: nn.Module):
+    return Fn.bn_scale_shift(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+
+
+@st.composite
+def conv_cfg(draw):
+    dim = draw(st.sampled_from([1, 2, 3]))
+    g = draw(st.sampled_from([1, 2, 4]))
+    cin = g * draw(st.integers(1, 3))
+    cout = g * draw(st.integers(1, 3))
+    return dict(
+        dim=dim, cin=cin, cout=cout, groups=g,
+        k=draw(st.integers(1, 3)), stride=draw(st.integers(1, 2)),
+        dilation=draw(st.integers(1, 2)), padding=draw(st.integers(0, 2)),
+        padding_mode=draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+        bias=draw(st.booleans()), affine=draw(st.booleans()), seed=draw(st.integers(0, 999)),
+    )
+
+
+def _conv(cfg, cls=None):
+    cls = cls or CONV[cfg["dim"]]
+    return cls(cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"], padding=cfg["padding"],
+               dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"],
+               padding_mode=cfg["padding_mode"]).double().eval()
+
+
+def _x(cfg, c):
+    return torch.randn((2, c) + (SPATIAL[cfg["dim"]],) * cfg["dim"], dtype=torch.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_cfg())
+def test_conv_bn_fold_is_exact(cfg):
+    torch.manual_seed(cfg["seed"])
+    conv, bn = _conv(cfg), _bn(cfg["cout"], cfg["dim"], cfg["affine"], cfg["seed"])
+    x = _x(cfg, cfg["cin"])
+    with torch.no_grad():
+        ref = bn(conv(x))
+        w, b = Fn.fold_conv_bn(conv.weight, conv.bias, *_ss(bn))
+        conv.weight.data, conv.bias = w, nn.Parameter(b)
+        assert Fn.rel_error(conv(x), ref) < 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_cfg(), st.integers(0, 1))
+def test_conv_transpose_bn_fold_is_exact(cfg, out_pad):
+    cfg = {**cfg, "padding_mode": "zeros"}
+    torch.manual_seed(cfg["seed"])
+    ref = CONVT[cfg["dim"]](
+        cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"], padding=0,
+        output_padding=min(out_pad, max(cfg["stride"], cfg["dilation"]) - 1),
+        dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"]).double()
+    folded = type(ref)(ref.in_channels, ref.out_channels, ref.kernel_size, ref.stride,
+                       ref.padding, ref.output_padding, ref.groups, True, ref.dilation).double()
+    bn = _bn(cfg["cout"], cfg["dim"], cfg["affine"], cfg["seed"])
+    w, b = Fn.fold_conv_transpose_bn(ref.weight, ref.bias, *_ss(bn), groups=ref.groups)
+    folded.weight.data, folded.bias.data = w, b
+    x = _x(cfg, cfg["cin"])
+    with torch.no_grad():
+        assert Fn.rel_error(folded(x), bn(ref(x))) < 1e-12
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_conv_transpose_groups_cin_ne_cout(groups):
+    """SPEC: test g ∈ {1, 2, Cin} with Cin ≠ Cout."""
+    cin, cout = 6, 12
+    ref = nn.ConvTranspose2d(cin, cout, 3, stride=2, groups=groups).double()
+    bn = _bn(cout, 2, True, 1)
+    w, b = Fn.fold_conv_transpose_bn(ref.weight, ref.bias, *_ss(bn), groups=groups)
+    x = torch.randn(2, cin, 5, 5, dtype=torch.float64)
+    y = F.conv_transpose2d(x, w, b, stride=2, groups=groups)
+    assert Fn.rel_error(y, bn(ref(x))) < 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_cfg())
+def test_bn_conv_fold_exact_when_no_zero_padding(cfg):
+    if cfg["padding_mode"] == "zeros":
+        cfg = {**cfg, "padding": 0}
+    if cfg["padding_mode"] != "zeros" and cfg["padding"] == 0:
+        cfg = {**cfg, "padding": 1}
+    torch.manual_seed(cfg["seed"])
+    conv, bn = _conv(cfg), _bn(cfg["cin"], cfg["dim"], cfg["affine"], cfg["seed"])
+    x = _x(cfg, cfg["cin"])
+    with torch.no_grad():
+        ref = conv(bn(x))
+        w, b = Fn.fold_bn_conv(conv.weight, conv.bias, *_ss(bn), groups=cfg["groups"])
+        conv.weight.data, conv.bias = w, nn.Parameter(b)
+        assert Fn.rel_error(conv(x), ref) < 1e-12
+
+
+def test_bn_conv_zero_padding_is_not_exact():
+    """Why BN → Conv with zero padding is refused: the borders differ (SPEC measured ~0.6)."""
+    conv = nn.Conv2d(4, 4, 3, padding=1).double()
+    bn = _bn(4, 2, True, 3)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    ref = conv(bn(x))
+    w, b = Fn.fold_bn_conv(conv.weight, conv.bias, *_ss(bn), groups=1)
+    assert Fn.rel_error(F.conv2d(x, w, b, padding=1), ref) > 1e-2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 16), st.integers(1, 16), st.booleans(), st.booleans(), st.integers(0, 99))
+def test_linear_folds(fin, fout, bias, affine, seed):
+    torch.manual_seed(seed)
+    lin = nn.Linear(fin, fout, bias=bias).double()
+    x = torch.randn(5, fin, dtype=torch.float64)
+    bn_after, bn_before = _bn(fout, 1, affine, seed), _bn(fin, 1, affine, seed + 1)
+    w, b = Fn.fold_linear_bn(lin.weight, lin.bias, *_ss(bn_after))
+    assert Fn.rel_error(F.linear(x, w, b), bn_after(lin(x))) < 1e-12
+    w, b = Fn.fold_bn_linear(lin.weight, lin.bias, *_ss(bn_before))
+    assert Fn.rel_error(F.linear(x, w, b), lin(bn_before(x))) < 1e-12
+
+
+def test_cast_like_keeps_channels_last_and_dtype():
+    ref = torch.randn(8, 4, 3, 3).half().to(memory_format=torch.channels_last)
+    out = Fn.cast_like(torch.randn(8, 4, 3, 3, dtype=torch.float64), ref)
+    assert out.dtype == torch.float16
+    assert out.stride() == ref.stride()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_rel_error_definition():
+    ref = torch.tensor([1.0, -4.0])
+    assert Fn.rel_error(torch.tensor([1.0, -3.0]), ref) == pytest.approx(0.25)
+    assert Fn.rel_error(torch.zeros(2), torch.zeros(2)) == 0.0

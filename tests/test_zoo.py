@@ -1,0 +1,53 @@
+"""pytorchcv zoo: a representative CI slice, and the full sweep marked slow."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("pytorchcv", reason="pip install --no-deps pytorchcv")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import zoo  # noqa: E402
+
+# traceable, depthwise, pre-activation, dense concat, SE, and three models that torch.fx
+# cannot trace as a whole (shape arithmetic, iteration over proxies, torch.zeros(*size))
+SLICE = {
+    "resnet18": None,
+    "preresnet18": None,
+    "mobilenetv2_w1": None,
+    "densenet121": None,
+    "seresnet18": None,
+    "efficientnet_b0c": None,
+    "mixnet_s": None,
+    "enet_cityscapes": (256, 512),
+}
+
+
+def _assert_ok(rec: dict) -> None:
+    assert rec["status"] == "ok", rec
+    assert rec["rel"] <= 1e-5, rec
+    if rec["fuse_bn_left"] is not None:
+        assert rec["bn_left"] <= rec["fuse_bn_left"], rec
+
+
+@pytest.mark.parametrize("name", list(SLICE))
+def test_zoo_slice(name):
+    rec = zoo.check(name, size=SLICE[name])
+    _assert_ok(rec)
+    assert rec["folded"] > 0
+    if name in ("efficientnet_b0c", "mixnet_s", "enet_cityscapes"):
+        assert rec["trace"] == "concrete" and rec["fuse_bn_left"] is None
+    if name in ("resnet18", "mobilenetv2_w1", "efficientnet_b0c"):
+        assert rec["bn_left"] == 0, rec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(zoo.zoo_models()) if os.environ.get("NS_FULL_ZOO")
+                         else [])
+def test_zoo_full_sweep(name):
+    rec = zoo.check(name)
+    if rec["status"] == "does not build/run":
+        pytest.skip(rec["error"])
+    _assert_ok(rec)
