@@ -69,7 +69,7 @@ def fold_conv_bn(
     ``weight`` is (Cout, Cin/g, k...). Returns ``(W', b')`` in float64; cast with :func:`cast_like`.
     """
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    w = weight.detach().to(torch.float64) * s.reshape(shape)
+    w = weight.detach().to(torch.float64, copy=True).mul_(s.reshape(shape))
     b = s * _bias64(bias, s.numel(), s) + t
     return w, b
 

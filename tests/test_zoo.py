@@ -27,7 +27,7 @@ SLICE = {
 
 def _assert_ok(rec: dict) -> None:
     assert rec["status"] == "ok", rec
-    assert rec["rel"] <= 1e-5, rec
+    assert zoo.within_bar(rec), rec
     if rec["fuse_bn_left"] is not None:
         assert rec["bn_left"] <= rec["fuse_bn_left"], rec
 
@@ -36,6 +36,7 @@ def _assert_ok(rec: dict) -> None:
 def test_zoo_slice(name):
     rec = zoo.check(name, size=SLICE[name])
     _assert_ok(rec)
+    assert rec["rel"] <= 1e-5, rec  # the slice is well-conditioned: the strict bar applies
     assert rec["folded"] > 0
     if name in ("efficientnet_b0c", "mixnet_s", "enet_cityscapes"):
         assert rec["trace"] == "concrete" and rec["fuse_bn_left"] is None

@@ -32,6 +32,10 @@ class FoldMatch:
     layer_name: str
     layer: nn.Module
     layer_node: fx.Node
+    # float64 (W', b') computed in check, valid while the layer still holds the weight it
+    # was computed from (a layer folded on both sides gets its second fold recomputed)
+    result: tuple[Tensor, Tensor] | None = None
+    result_of: Tensor | None = None
 
 
 def _standard_layer_problem(m: nn.Module, bases: tuple[type[nn.Module], ...]) -> str | None:
@@ -99,11 +103,12 @@ class _FoldRule(Rule):
         problem = self.specific(ctx, m)
         if problem:
             return problem
-        w, b = self.folded(m)
-        for new, ref in ((w, layer.weight), (b, layer.bias if layer.bias is not None else None)):
-            dtype = (ref if ref is not None else layer.weight).dtype
-            if not torch.isfinite(new.to(dtype)).all():
-                return f"folded weights would overflow {dtype}"
+        m.result = w, b = self.folded(m)
+        m.result_of = layer.weight
+        dtype = layer.weight.dtype
+        limit = torch.finfo(dtype).max
+        if max(float(w.abs().max()), float(b.abs().max())) > limit:
+            return f"folded weights would overflow {dtype}"
         return None
 
     # -- hooks for subclasses --------------------------------------------------------------
@@ -117,7 +122,9 @@ class _FoldRule(Rule):
         raise NotImplementedError
 
     def rewrite(self, ctx: Context, m: FoldMatch) -> SiteRecord:
-        w, b = self.folded(m)
+        fresh = m.result is not None and m.result_of is m.layer.weight
+        w, b = m.result if fresh else self.folded(m)
+        m.result = m.result_of = None
         layer = m.layer
         old_w = layer.weight
         layer.weight = nn.Parameter(Fn.cast_like(w, old_w), requires_grad=old_w.requires_grad)

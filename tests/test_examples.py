@@ -1,0 +1,24 @@
+"""Every example runs, in its reduced mode, and reports what it claims."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fold_example_quick(capsys):
+    pytest.importorskip("pytorchcv")
+    res = load("fold_pytorchcv").main(["--quick", "--model", "mixnet_s"])
+    assert res["folded"] > 0 and res["rel"] <= 1e-5
+    assert "latency" in capsys.readouterr().out
