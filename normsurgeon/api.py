@@ -19,7 +19,7 @@ from .functional import rel_error
 from .report import Action, ConversionReport, SiteRecord
 from .rules import get_transform
 from .rules.base import Context, Decision
-from .tracing import is_batchnorm, record_inputs, set_submodule, trace_regions
+from .tracing import eval_mode, is_batchnorm, record_inputs, set_submodule, trace_regions
 
 __all__ = ["convert", "convert_with_report", "inspect", "ConversionResult"]
 
@@ -175,28 +175,34 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     if inputs is not None:
         wanted = [m for m in work.modules() if id(m) in holders]
         recorded, ref_out = record_inputs(work, inputs, wanted)
-    regions, status = trace_regions(work, needs=lambda m: id(m) in holders, inputs=recorded,
-                                    leaf_types=leaf_modules)
+    if transform.trace == "none":
+        regions, status = [], {}
+    else:
+        needs = (lambda m: id(m) in holders) if transform.trace == "all" else (
+            lambda m: m is work)
+        regions, status = trace_regions(work, needs=needs, inputs=recorded,
+                                        leaf_types=leaf_modules)
     ctx = Context(work, regions, status, options=dict(options))
 
     # 2. plan -------------------------------------------------------------------------------
     decisions: list[Decision] = []
     records: dict[str, SiteRecord] = {}
     reached: set[int] = set()
-    for site in ctx.sites():
+    for site in (ctx.module_sites() if transform.module_level else ctx.sites()):
+        trace_mode = site.region.mode if site.region is not None else "module"
         if site.module is not None:
             reached.add(id(site.module))
         if (inc is not None and not any(fnmatch.fnmatchcase(site.name, p) for p in inc)) or (
                 exc is not None and any(fnmatch.fnmatchcase(site.name, p) for p in exc)):
             records[site.name] = SiteRecord(site.name, site.kind, Action.EXCLUDED,
                                             reason="excluded by include/exclude patterns",
-                                            trace=site.region.mode)
+                                            trace=trace_mode)
             continue
         d = transform.plan(ctx, site)
         decisions.append(d)
         if d.rule is None:
             records[site.name] = SiteRecord(site.name, site.kind, Action.SKIPPED,
-                                            reason=d.reason, trace=site.region.mode)
+                                            reason=d.reason, trace=trace_mode)
     for qual, m in work.named_modules():
         if is_batchnorm(m) and id(m) not in reached:
             records[qual] = SiteRecord(qual, type(m).__name__, Action.SKIPPED,
@@ -215,7 +221,7 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
             records[d.site.name] = SiteRecord(
                 d.site.name, d.site.kind, d.action, target=getattr(d.match, "layer_name", ""),
                 detail=f"{getattr(d.rule, 'direction', '')}, {d.rule.name}".strip(", "),
-                trace=d.site.region.mode)
+                trace=d.site.region.mode if d.site.region is not None else "module")
             continue
         try:
             records[d.site.name] = transform.apply(ctx, d)
@@ -232,9 +238,9 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     work = _rebuild(work, ctx)
     work = transform.finalize(work, ctx, report)
     report.seconds = time.perf_counter() - t0
-    if inputs is not None and transform.needs_eval:
-        with torch.no_grad():
-            report.max_rel_error = compare_outputs(work(*inputs), ref_out)
+    if inputs is not None and ref_out is not None:
+        with torch.no_grad(), eval_mode(work):
+            report.max_rel_error = compare_outputs(transform.call(work, inputs), ref_out)
     log.info("%s", report.summary())
     return ConversionResult(work, report)
 

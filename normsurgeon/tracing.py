@@ -15,10 +15,11 @@ Strategy, per module, starting from the root:
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import logging
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,12 +270,25 @@ def record_inputs(
     for m in wanted:
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             out = model(*example_inputs)
     finally:
         for h in handles:
             h.remove()
     return seen, out
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put every module in eval mode (no running-stat updates), then restore each
+    module's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _one_line(e: BaseException, limit: int = 160) -> str:

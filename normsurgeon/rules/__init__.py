@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..errors import UnknownTransformError
 from .base import BNSite, Context, Decision, Rule, Transform
 from .fold import FOLD_RULES, FoldTransform
+from .replace import CBNTransform, RBNTransform
 
 __all__ = ["TRANSFORMS", "register", "get_transform", "available", "Rule", "Transform",
            "BNSite", "Context", "Decision", "FOLD_RULES"]
@@ -35,3 +36,5 @@ def get_transform(name: str) -> type[Transform]:
 
 
 register(FoldTransform)
+register(CBNTransform)
+register(RBNTransform)

@@ -34,8 +34,8 @@ class BNSite:
 
     name: str
     kind: str
-    node: fx.Node
-    region: Region
+    node: fx.Node | None
+    region: Region | None
     module: nn.Module | None
     running_mean: Tensor | None
     running_var: Tensor | None
@@ -123,6 +123,17 @@ class Context:
             if p is not None and len(self.param_owners.get(id(p), ())) > 1:
                 return f"{what}'s parameters are shared with another module"
         return None
+
+    def module_sites(self) -> Iterator[BNSite]:
+        """Every BatchNorm *module* of the model (for transforms that swap modules and need no
+        graph: they reach BNs inside untraceable code too). Aliases are yielded once."""
+        for qual, m in self.model.named_modules():
+            if is_batchnorm(m):
+                yield BNSite(name=qual, kind=_kind(m), node=None, region=None, module=m,
+                             running_mean=m.running_mean, running_var=m.running_var,
+                             weight=m.weight, bias=m.bias, eps=float(m.eps),
+                             uses_batch_stats=bool(getattr(m, "training", False)),
+                             input_node=None)
 
     def sites(self) -> Iterator[BNSite]:
         """Every BatchNorm application in the traced regions, in graph order."""
@@ -224,8 +235,16 @@ class Transform:
     name: ClassVar[str] = "transform"
     help: ClassVar[str] = ""
     needs_eval: ClassVar[bool] = False
+    module_level: ClassVar[bool] = False  # sites come from named_modules, not from graphs
+    trace: ClassVar[str] = "all"  # "all": every region; "root": whole model only; "none"
+    accepted: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.accepted))
+        if unknown:
+            takes = ", ".join(self.accepted) or "no options"
+            raise TypeError(f"to={self.name!r} does not take {', '.join(unknown)}; "
+                            f"it takes: {takes}")
         self.options = options
 
     def plan(self, ctx: Context, site: BNSite) -> Decision:  # pragma: no cover - abstract
@@ -237,3 +256,7 @@ class Transform:
 
     def finalize(self, model: nn.Module, ctx: Context, report: ConversionReport) -> nn.Module:
         return model
+
+    def call(self, model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+        """Run a converted model on the original's example inputs (CBN adds a condition)."""
+        return model(*inputs)

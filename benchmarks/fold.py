@@ -1,0 +1,91 @@
+"""Fold benchmark: normsurgeon vs torch.fx's ``fuse``, and vs the network with its BN deleted.
+
+    python benchmarks/fold.py [--models resnet101 densenet121] [--reps 20]
+
+Prints, side by side from one run: conversion time (median of --convert-reps), BN removed,
+and eager CPU latency (interleaved rounds, median) of the original, normsurgeon's fold,
+fuse's result, and the no-BN network (every BN replaced by Identity: the physical limit of
+folding, since a folded model does exactly that work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+sys.path.insert(0, os.path.dirname(__file__))
+import zoo  # noqa: E402
+
+import normsurgeon as ns  # noqa: E402
+from normsurgeon.tracing import is_batchnorm, set_submodule  # noqa: E402
+
+
+def no_bn(model: nn.Module) -> nn.Module:
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if is_batchnorm(m):
+            set_submodule(out, name, nn.Identity())
+    return out
+
+
+def median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["resnet101", "densenet121"])
+    p.add_argument("--reps", type=int, default=20, help="latency rounds")
+    p.add_argument("--convert-reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          "eager CPU, fp32\n")
+    rows = []
+    for name in args.models:
+        model = zoo.randomize(zoo.build(name))
+        x = zoo.example_input(model, batch=args.batch)
+        t_ns = median_time(lambda: ns.convert(model), args.convert_reps)  # noqa: B023
+        t_fuse = median_time(lambda: fuse(model), args.convert_reps)  # noqa: B023
+        ours, fused, limit = ns.convert(model), fuse(model), no_bn(model)
+        bn = sum(map(is_batchnorm, model.modules()))
+        left_ours = sum(map(is_batchnorm, ours.modules()))
+        left_fuse = sum(map(is_batchnorm, fused.modules()))
+        nets = {"original": model, "normsurgeon": ours, "fuse": fused, "no-BN": limit}
+        lat: dict[str, list[float]] = {k: [] for k in nets}
+        with torch.no_grad():
+            for net in nets.values():
+                net(x)
+            for _ in range(args.reps):  # interleaved so drift hits every variant alike
+                for k, net in nets.items():
+                    t = time.perf_counter()
+                    net(x)
+                    lat[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in lat.items()}
+        rows.append((name, t_ns, t_fuse, bn, bn - left_ours, bn - left_fuse, med))
+    print(f"{'model':<12} {'convert ns':>10} {'fuse':>7} {'ns/fuse':>8} {'BN':>4} "
+          f"{'ns rm':>6} {'fuse rm':>7} | {'orig ms':>8} {'ns ms':>7} {'fuse ms':>8} "
+          f"{'noBN ms':>8} {'ns/orig':>8} {'ns/fuse':>8} {'ns/noBN':>8}")
+    for name, t_ns, t_fuse, bn, rm_ns, rm_fuse, med in rows:
+        o, n, f, lim = (med[k] * 1e3 for k in ("original", "normsurgeon", "fuse", "no-BN"))
+        print(f"{name:<12} {t_ns:>9.3f}s {t_fuse:>6.3f}s {t_ns / t_fuse:>8.2f} {bn:>4} "
+              f"{rm_ns:>6} {rm_fuse:>7} | {o:>8.2f} {n:>7.2f} {f:>8.2f} {lim:>8.2f} "
+              f"{n / o:>8.3f} {n / f:>8.3f} {n / lim:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

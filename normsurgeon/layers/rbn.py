@@ -1,0 +1,108 @@
+r"""Representative BatchNorm (Gao et al., CVPR 2021), SPEC §4, implemented from the formulas.
+
+With ``m(z)`` the per-instance, per-channel spatial mean:
+
+.. math::
+    x_c = x + w_c \odot m(x) \qquad
+    x_n = (x_c - μ) / \sqrt{σ^2 + ε} \qquad
+    r = \mathrm{sigmoid}(w_v \odot m(x_n) + b_v) \qquad
+    y = γ \odot r \odot x_n + β
+
+(``μ, σ²``: batch statistics of ``x_c`` in training, running statistics of ``x_c`` in eval.)
+The paper's init (``w_c = w_v = 0``, ``b_v = 1``) scales every output by sigmoid(1) ≈ 0.731;
+:meth:`RepresentativeBatchNorm2d.from_batchnorm` divides γ by ``sigmoid(b_v)`` instead, so a
+converted layer equals the BN it came from exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._common import NormStatsMixin
+
+__all__ = ["RepresentativeBatchNorm2d"]
+
+
+class RepresentativeBatchNorm2d(NormStatsMixin):
+    """BatchNorm2d with instance-level centering and scaling calibration.
+
+    Parameters keep BN's names and (C) shapes (``weight``, ``bias``, ``running_mean``,
+    ``running_var``), so a BatchNorm2d ``state_dict`` loads unchanged; the calibration adds
+    ``centering_weight`` (w_c), ``scaling_weight`` (w_v) and ``scaling_bias`` (b_v).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 freeze_stats: bool = False, scaling_bias_init: float = 1.0) -> None:
+        super().__init__()
+        self._init_stats(num_features, eps, momentum, track_running_stats, freeze_stats)
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.centering_weight = nn.Parameter(torch.zeros(num_features))
+        self.scaling_weight = nn.Parameter(torch.zeros(num_features))
+        self.scaling_bias = nn.Parameter(torch.full((num_features,), float(scaling_bias_init)))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, freeze_stats: bool = False) -> RepresentativeBatchNorm2d:
+        """An RBN equal to ``bn``: ``w_c = w_v = 0``, ``b_v = 1``, ``γ ← γ / sigmoid(b_v)``.
+
+        A BN with ``affine=False`` becomes an affine RBN with ``γ = 1/sigmoid(b_v)``, ``β = 0``
+        (there is no other way to undo the calibration's constant scale).
+        """
+        track = getattr(bn, "running_mean", None) is not None
+        layer = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=True,
+                    track_running_stats=track, freeze_stats=freeze_stats and track)
+        layer._copy_stats_from(bn)
+        with torch.no_grad():
+            inv = 1.0 / torch.sigmoid(layer.scaling_bias.double())
+            gamma = bn.weight.double() if getattr(bn, "weight", None) is not None else 1.0
+            layer.weight.copy_(gamma * inv)
+            if getattr(bn, "bias", None) is not None:
+                layer.bias.copy_(bn.bias)
+        ref = bn.running_mean if track else getattr(bn, "weight", None)
+        if ref is not None:
+            layer.to(device=ref.device, dtype=ref.dtype)
+        layer.train(bn.training)
+        return layer
+
+    def new_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The calibration parameters; none takes weight decay (SPEC §4b)."""
+        return {"decay": [],
+                "no_decay": [self.centering_weight, self.scaling_weight, self.scaling_bias]}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"RepresentativeBatchNorm2d expected a 4-D input, got shape "
+                             f"{tuple(x.shape)}")
+        c = self.num_features
+        if x.shape[1] != c:
+            raise ValueError(f"RepresentativeBatchNorm2d expected input of shape (N, {c}, H, W),"
+                             f" got {tuple(x.shape)}")
+        m_x = x.mean((2, 3))                                    # m(x), (N, C)
+        if self.uses_batch_stats():
+            x_c = torch.addcmul(x, self.centering_weight.reshape(1, c, 1, 1),
+                                m_x.reshape(-1, c, 1, 1))      # never in place
+            x_n = self._normalize(x_c)
+            r = torch.sigmoid(self.scaling_weight * x_n.mean((2, 3)) + self.scaling_bias)
+            gain = r if self.weight is None else r * self.weight
+            y = x_n * gain.reshape(-1, c, 1, 1)
+            return y if self.bias is None else y + self.bias.reshape(1, c, 1, 1)
+        # running statistics: m(x_c) = (1 + w_c)·m(x) and m(x_n) = (m(x_c) − μ)·invstd, so
+        # y = x·α + β' with α = γ·r·invstd, β' = β + α·(w_c·m(x) − μ): one pass over x.
+        invstd = torch.rsqrt(self.running_var + self.eps)
+        m_n = (m_x * (1 + self.centering_weight) - self.running_mean) * invstd
+        r = torch.sigmoid(self.scaling_weight * m_n + self.scaling_bias)
+        alpha = r * invstd if self.weight is None else r * (self.weight * invstd)
+        shift = alpha * (self.centering_weight * m_x - self.running_mean)
+        if self.bias is not None:
+            shift = shift + self.bias
+        return torch.addcmul(shift.reshape(-1, c, 1, 1), x, alpha.reshape(-1, c, 1, 1))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, affine={self.affine}, {self._stats_repr()}"
