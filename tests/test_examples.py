@@ -22,3 +22,20 @@ def test_fold_example_quick(capsys):
     res = load("fold_pytorchcv").main(["--quick", "--model", "mixnet_s"])
     assert res["folded"] > 0 and res["rel"] <= 1e-5
     assert "latency" in capsys.readouterr().out
+
+
+def test_cbn_example_quick(capsys):
+    pytest.importorskip("sklearn")
+    res = load("cbn_digits").main(["--quick"])
+    # task 0 survives the conversion and the MLP training; task 1 is learned from ~0
+    assert res["acc0"] > 0.8 and res["base1"] < 0.2
+    assert res["acc1"] > res["base1"] + 0.2
+    assert "with CBN" in capsys.readouterr().out
+
+
+def test_rbn_example_quick(capsys):
+    pytest.importorskip("sklearn")
+    res = load("rbn_finetune").main(["--quick"])
+    assert res["converted"] == res["shifted"]  # function preserving
+    assert res["rbn"] > res["shifted"]
+    assert "fine-tuned" in capsys.readouterr().out

@@ -218,3 +218,43 @@ def test_param_groups_only_new_parameters_without_decay_on_deltas():
     torch.optim.AdamW(groups)
     with pytest.raises(ValueError, match="cbn"):
         param_groups(nn.Linear(2, 2))
+
+
+def _rbn_train_reference(layer, x):
+    """SPEC §4 in training mode, literally, with F.batch_norm's batch statistics."""
+    c = x.shape[1]
+    v = (1, c, 1, 1)
+    x_c = x + layer.centering_weight.view(v) * x.mean((2, 3), keepdim=True)
+    x_n = F.batch_norm(x_c, None, None, None, None, True, 0.0, layer.eps)
+    r = torch.sigmoid(layer.scaling_weight.view(v) * x_n.mean((2, 3), keepdim=True)
+                      + layer.scaling_bias.view(v))
+    return layer.weight.view(v) * r * x_n + layer.bias.view(v)
+
+
+def test_training_gradients_match_literal_formulas():
+    """The one-pass algebra (batch moments from per-instance moments) has BN's gradients."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 5, 4, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
+    rbn = RepresentativeBatchNorm2d(5).double().train()
+    with torch.no_grad():
+        for p in (rbn.centering_weight, rbn.scaling_weight, rbn.scaling_bias, rbn.weight,
+                  rbn.bias):
+            p.uniform_(-1, 1)
+    params = [x, rbn.centering_weight, rbn.scaling_weight, rbn.weight]
+    g1 = torch.autograd.grad(rbn(x).sin().sum(), params)
+    g2 = torch.autograd.grad(_rbn_train_reference(rbn, x).sin().sum(), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+    cbn = ConditionalBatchNorm2d(5, cond_dim=3, freeze_stats=False, freeze_base=False)
+    cbn = cbn.double().train()
+    nn.init.normal_(cbn.cond_mlp[2].weight)
+    e = torch.randn(6, 3, dtype=torch.float64)
+    delta = cbn.cond_mlp(e)
+    ref = F.batch_norm(x, None, None, None, None, True, 0.0, cbn.eps) * (
+        cbn.weight + delta[:, :5]).view(6, 5, 1, 1) + (cbn.bias + delta[:, 5:]).view(6, 5, 1, 1)
+    params = [x, cbn.weight, cbn.cond_mlp[2].weight]
+    g1 = torch.autograd.grad(cbn(x, e).sin().sum(), params)
+    g2 = torch.autograd.grad(ref.sin().sum(), params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

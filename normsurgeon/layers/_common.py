@@ -16,7 +16,56 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NormStatsMixin", "convert_sync"]
+__all__ = ["NormStatsMixin", "convert_sync", "per_sample_affine", "instance_moments"]
+
+
+class _InstanceMoments(torch.autograd.Function):
+    """``(mean, mean of squares)`` over the spatial axes, with a one-pass backward:
+    ``∂/∂x = (g_m + 2·x·g_q) / L`` is a per-sample affine map of x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        n, c = x.shape[0], x.shape[1]
+        flat = x.reshape(n * c, 1, -1)
+        length = flat.shape[-1]
+        m = flat.mean(-1).reshape(n, c)
+        q = torch.bmm(flat, flat.transpose(1, 2)).reshape(n, c) / length
+        ctx.save_for_backward(x)
+        return m, q
+
+    @staticmethod
+    def backward(ctx, g_m: Tensor, g_q: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        length = x[0, 0].numel()
+        return per_sample_affine(x, g_q * (2.0 / length), g_m / length)
+
+
+def instance_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Per-instance, per-channel ``(mean, biased variance)`` over the spatial axes, (N, C)."""
+    if x.is_contiguous() and x.dim() > 2 and not torch.jit.is_tracing():
+        m, q = _InstanceMoments.apply(x)
+        return m, (q - m * m).clamp_min(0)
+    v, m = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=0)
+    return m, v
+
+
+def per_sample_affine(x: Tensor, alpha: Tensor, shift: Tensor) -> Tensor:
+    r"""``y[n, c] = x[n, c] · α[n, c] + β'[n, c]`` for (N, C, ...) ``x`` and (N, C) ``α, β'``.
+
+    A per-sample affine map *is* an eval-mode BatchNorm over N·C channels with mean 0, var 1,
+    eps 0 (so ``invstd = 1`` exactly): viewing x as (1, N·C, ...) runs it through PyTorch's
+    fused BN kernels, forward and backward (one pass each), instead of a broadcast multiply-add.
+    """
+    n, c = x.shape[0], x.shape[1]
+    if x.dim() > 2 and x.is_contiguous() and not torch.jit.is_tracing():
+        flat = x.reshape((1, n * c) + tuple(x.shape[2:]))
+        stats = torch.zeros(2, n * c, dtype=x.dtype, device=x.device)
+        stats[1] = 1.0
+        y = F.batch_norm(flat, stats[0], stats[1], alpha.reshape(-1), shift.reshape(-1), False,
+                         0.0, 0.0)
+        return y.reshape(x.shape)
+    shape = (n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), x, alpha.reshape(shape))
 
 
 class NormStatsMixin(nn.Module):
@@ -72,46 +121,56 @@ class NormStatsMixin(nn.Module):
             return 1.0 / float(self.num_batches_tracked)
         return float(self.momentum)
 
-    def _normalize(self, x: Tensor) -> Tensor:
-        r"""``x̂ = (x − μ) / sqrt(σ² + ε)`` with BN's choice of statistics (SPEC §1)."""
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"{type(self).__name__} expected input of shape (N, "
                              f"{self.num_features}, ...), got {tuple(x.shape)}")
+
+    def _channel_stats(self, m_inst: Tensor, v_inst: Tensor, per_instance: int
+                       ) -> tuple[Tensor, Tensor]:
+        r"""``(μ, 1/sqrt(σ² + ε))`` per channel for the current mode.
+
+        Running statistics in eval (or when frozen). Otherwise the batch statistics, built from
+        the per-instance moments ``m_inst, v_inst`` (N, C) of ``per_instance`` values each, by
+        the law of total variance: ``μ_B = mean_n m``, ``σ²_B = mean_n v + mean_n (m − μ_B)²``
+        (biased, for normalizing; the running variance gets the unbiased one, as in BN).
+        With ``sync``, the sums are all-reduced (differentiably) across processes.
+        """
         if not self.uses_batch_stats():
-            return F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0,
-                                self.eps)
+            return self.running_mean, torch.rsqrt(self.running_var + self.eps)
+        n = m_inst.shape[0]
+        if n * per_instance <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"{n} sample(s) of {per_instance} value(s)")
         factor = self._momentum_factor()
         if self._sync_active():
-            return self._sync_normalize(x, factor)
-        return F.batch_norm(x, self.running_mean, self.running_var, None, None, True, factor,
-                            self.eps)
+            from torch.distributed.nn.functional import all_reduce
 
-    # -- synchronized batch statistics (SyncBatchNorm semantics) ---------------------------------
+            c = self.num_features
+            count = m_inst.new_full((1,), float(n))
+            stats = torch.cat([m_inst.sum(0), (v_inst + m_inst * m_inst).sum(0), count])
+            group = self.process_group if self.process_group is not None else dist.group.WORLD
+            with warnings.catch_warnings():  # deprecated name, still the differentiable one
+                warnings.simplefilter("ignore", FutureWarning)
+                stats = all_reduce(stats, group=group)
+            total_n = stats[-1]
+            mean = stats[:c] / total_n
+            var = (stats[c:2 * c] / total_n - mean * mean).clamp_min(0)
+            total = float(total_n) * per_instance
+        else:
+            mean = m_inst.mean(0)
+            var = v_inst.mean(0) + (m_inst - mean).pow(2).mean(0)
+            total = float(n * per_instance)
+        if self.track_running_stats:
+            with torch.no_grad():
+                unbiased = var.detach() * (total / max(total - 1.0, 1.0))
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+        return mean, torch.rsqrt(var + self.eps)
+
     def _sync_active(self) -> bool:
         return (self.sync and self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
-
-    def _sync_normalize(self, x: Tensor, factor: float) -> Tensor:
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        with warnings.catch_warnings():  # deprecated name, still the differentiable one
-            warnings.simplefilter("ignore", FutureWarning)
-            stats = all_reduce(stats, group=group)
-        c = self.num_features
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                unbiased = var * n / (n - 1).clamp_min(1)
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(unbiased.detach(), alpha=factor)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        return (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
 
     def _copy_stats_from(self, bn: nn.Module) -> None:
         if self.track_running_stats and getattr(bn, "running_mean", None) is not None:

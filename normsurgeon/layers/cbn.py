@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConditionError
-from ._common import NormStatsMixin
+from ._common import NormStatsMixin, instance_moments, per_sample_affine
 
 __all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d",
            "ConditionSpec", "check_condition", "ConditionSlot"]
@@ -159,18 +159,17 @@ class _ConditionalBatchNorm(NormStatsMixin):
         c = self.num_features
         gamma = delta[:, :c] + (self.weight if self.weight is not None else 1.0)
         beta = delta[:, c:] + self.bias if self.bias is not None else delta[:, c:]
-        shape = (x.shape[0], c) + (1,) * (x.dim() - 2)
+        self._check_input(x)
+        # y = γ̂·(x − μ)·invstd + β̂ as one per-sample affine pass: y = x·α + β',
+        # α = γ̂·invstd, β' = β̂ − μ·α (μ, invstd: running, or batch statistics)
         if self.uses_batch_stats():
-            x_hat = self._normalize(x)
-            return torch.addcmul(beta.reshape(shape), x_hat, gamma.reshape(shape))
-        # running statistics: one per-sample affine pass, y = x·α + β',
-        # α = γ̂ / sqrt(var + ε), β' = β̂ − μ·α (the normalization folds into α, β')
-        if x.shape[1] != c:
-            raise ValueError(f"{type(self).__name__} expected input of shape (N, {c}, ...), "
-                             f"got {tuple(x.shape)}")
-        alpha = gamma * torch.rsqrt(self.running_var + self.eps)
-        shift = beta - self.running_mean * alpha
-        return torch.addcmul(shift.reshape(shape), x, alpha.reshape(shape))
+            m_inst, v_inst = instance_moments(x)
+            mean, invstd = self._channel_stats(m_inst, v_inst, x[0, 0].numel())
+        else:
+            mean, invstd = self._channel_stats(x, x, 1)  # running statistics; args unused
+        alpha = gamma * invstd
+        shift = beta - mean * alpha
+        return per_sample_affine(x, alpha, shift)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, cond_dim={self.cond_dim}, hidden_dim={self.hidden_dim}, "

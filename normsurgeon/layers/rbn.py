@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._common import NormStatsMixin
+from ._common import NormStatsMixin, instance_moments, per_sample_affine
 
 __all__ = ["RepresentativeBatchNorm2d"]
 
@@ -84,25 +84,23 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
         if x.shape[1] != c:
             raise ValueError(f"RepresentativeBatchNorm2d expected input of shape (N, {c}, H, W),"
                              f" got {tuple(x.shape)}")
-        m_x = x.mean((2, 3))                                    # m(x), (N, C)
+        # Per-instance moments of x in one pass. Centering shifts each instance by w_c·m(x), so
+        # m(x_c) = (1 + w_c)·m(x) and var(x_c) = var(x); then m(x_n) = (m(x_c) − μ)·invstd and
+        # y = γ·r·x_n + β = x·α + β' with α = γ·r·invstd, β' = β + α·(w_c·m(x) − μ):
+        # one reduction and one elementwise pass, in training and in eval.
         if self.uses_batch_stats():
-            x_c = torch.addcmul(x, self.centering_weight.reshape(1, c, 1, 1),
-                                m_x.reshape(-1, c, 1, 1))      # never in place
-            x_n = self._normalize(x_c)
-            r = torch.sigmoid(self.scaling_weight * x_n.mean((2, 3)) + self.scaling_bias)
-            gain = r if self.weight is None else r * self.weight
-            y = x_n * gain.reshape(-1, c, 1, 1)
-            return y if self.bias is None else y + self.bias.reshape(1, c, 1, 1)
-        # running statistics: m(x_c) = (1 + w_c)·m(x) and m(x_n) = (m(x_c) − μ)·invstd, so
-        # y = x·α + β' with α = γ·r·invstd, β' = β + α·(w_c·m(x) − μ): one pass over x.
-        invstd = torch.rsqrt(self.running_var + self.eps)
-        m_n = (m_x * (1 + self.centering_weight) - self.running_mean) * invstd
-        r = torch.sigmoid(self.scaling_weight * m_n + self.scaling_bias)
+            m_x, v_x = instance_moments(x)                              # (N, C) each
+        else:  # running statistics: the per-instance variance is not needed
+            m_x = x.mean((2, 3))
+            v_x = m_x
+        m_c = m_x * (1 + self.centering_weight)
+        mean, invstd = self._channel_stats(m_c, v_x, x.shape[2] * x.shape[3])
+        r = torch.sigmoid(self.scaling_weight * ((m_c - mean) * invstd) + self.scaling_bias)
         alpha = r * invstd if self.weight is None else r * (self.weight * invstd)
-        shift = alpha * (self.centering_weight * m_x - self.running_mean)
+        shift = alpha * (self.centering_weight * m_x - mean)
         if self.bias is not None:
             shift = shift + self.bias
-        return torch.addcmul(shift.reshape(-1, c, 1, 1), x, alpha.reshape(-1, c, 1, 1))
+        return per_sample_affine(x, alpha, shift)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, affine={self.affine}, {self._stats_repr()}"

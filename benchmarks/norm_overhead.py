@@ -1,0 +1,89 @@
+"""Cost of CBN and RBN against plain BatchNorm on the same network (CPU, eager).
+
+    python benchmarks/norm_overhead.py [--model resnet50] [--batch 4] [--reps 5]
+
+Variants, measured interleaved in one run (median of --reps):
+  BN            the original network, everything trainable, batch statistics
+  CBN           convert(to="cbn", cond_dim=128, freeze_base=False, freeze_stats=False):
+                same training regime as BN, plus the per-layer delta MLPs
+  CBN (frozen)  the paper's regime and normsurgeon's default: frozen backbone and statistics,
+                only the MLPs train
+  RBN           convert(to="rbn"), everything trainable, batch statistics
+A training step is forward + cross-entropy + backward + SGD step; eval is a no-grad forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+import zoo  # noqa: E402
+
+import normsurgeon as ns  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    base = zoo.randomize(zoo.build(args.model))
+    x = zoo.example_input(base, batch=args.batch)
+    y = torch.randint(0, 1000, (args.batch,))
+    e = torch.randn(args.batch, 128)
+    variants = {
+        "BN": (base, ()),
+        "CBN": (ns.convert(base, "cbn", cond_dim=128, freeze_base=False, freeze_stats=False),
+                (e,)),
+        "CBN (frozen)": (ns.convert(base, "cbn", cond_dim=128), (e,)),
+        "RBN": (ns.convert(base, "rbn"), ()),
+    }
+    opts = {k: torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=1e-4)
+            for k, (m, _) in variants.items()}
+
+    def step(k: str) -> None:
+        m, extra = variants[k]
+        m.train()
+        loss = nn.functional.cross_entropy(m(x, *extra), y)
+        opts[k].zero_grad()
+        loss.backward()
+        opts[k].step()
+
+    def evaluate(k: str) -> None:
+        m, extra = variants[k]
+        m.eval()
+        with torch.no_grad():
+            m(x, *extra)
+
+    times: dict[str, dict[str, list[float]]] = {"train": {k: [] for k in variants},
+                                                "eval": {k: [] for k in variants}}
+    for k in variants:  # warm-up
+        step(k)
+        evaluate(k)
+    for _ in range(args.reps):
+        for k in variants:
+            for phase, fn in (("train", step), ("eval", evaluate)):
+                t = time.perf_counter()
+                fn(k)
+                times[phase][k].append(time.perf_counter() - t)
+    print(f"{args.model}, batch {args.batch}, {tuple(x.shape[2:])}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {args.reps}\n")
+    print(f"{'variant':<14} {'train step':>11} {'x BN':>6} {'eval':>9} {'x BN':>6}")
+    med = {ph: {k: statistics.median(v) for k, v in d.items()} for ph, d in times.items()}
+    for k in variants:
+        tr, ev = med["train"][k], med["eval"][k]
+        print(f"{k:<14} {tr * 1e3:>9.1f}ms {tr / med['train']['BN']:>6.3f} "
+              f"{ev * 1e3:>7.1f}ms {ev / med['eval']['BN']:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()
