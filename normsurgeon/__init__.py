@@ -21,6 +21,21 @@ from .errors import (
 from .report import Action, ConversionReport, SiteRecord
 from .rules import available as available_transforms
 
+
+def export_onnx(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    """See :func:`normsurgeon.onnx.export.export_onnx` (imported lazily: needs ``onnx``)."""
+    from .onnx.export import export_onnx as impl
+
+    return impl(*args, **kwargs)
+
+
+def verify_onnx(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    """See :func:`normsurgeon.onnx.verify.verify_onnx` (imported lazily: needs onnxruntime)."""
+    from .onnx.verify import verify_onnx as impl
+
+    return impl(*args, **kwargs)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,6 +43,8 @@ __all__ = [
     "convert_with_report",
     "inspect",
     "available_transforms",
+    "export_onnx",
+    "verify_onnx",
     "ConversionResult",
     "ConversionReport",
     "SiteRecord",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConditionError
+from ..onnx.ops import current_export_mode
 from ._common import NormStatsMixin, instance_moments, per_sample_affine
 
 __all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d",
@@ -43,8 +44,9 @@ class ConditionSpec:
 def check_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> None:
     """Raise :class:`ConditionError` (a ValueError) naming the expected shape, or
     ``TypeError`` when the condition is missing or not a tensor."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
-        return
+    if (torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+        return  # shapes are symbolic here; the exported graph is checked by verify_onnx
     n = batch if batch is not None else "N"
     if cond is None:
         raise TypeError(f"missing condition: expected {spec.describe(n)}")
@@ -160,6 +162,12 @@ class _ConditionalBatchNorm(NormStatsMixin):
         gamma = delta[:, :c] + (self.weight if self.weight is not None else 1.0)
         beta = delta[:, c:] + self.bias if self.bias is not None else delta[:, c:]
         self._check_input(x)
+        if current_export_mode() == "custom":
+            if self.running_mean is None or self.uses_batch_stats():
+                raise RuntimeError("ONNX export of a CBN needs running statistics (eval mode, "
+                                   "track_running_stats=True)")
+            return torch.ops.normsurgeon.cbn(x, gamma, beta, self.running_mean,
+                                             self.running_var, self.eps)
         # y = γ̂·(x − μ)·invstd + β̂ as one per-sample affine pass: y = x·α + β',
         # α = γ̂·invstd, β' = β̂ − μ·α (μ, invstd: running, or batch statistics)
         if self.uses_batch_stats():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..onnx.ops import current_export_mode
 from ._common import NormStatsMixin, instance_moments, per_sample_affine
 
 __all__ = ["RepresentativeBatchNorm2d"]
@@ -84,6 +85,16 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
         if x.shape[1] != c:
             raise ValueError(f"RepresentativeBatchNorm2d expected input of shape (N, {c}, H, W),"
                              f" got {tuple(x.shape)}")
+        if current_export_mode() == "custom":
+            if self.running_mean is None or self.uses_batch_stats():
+                raise RuntimeError("ONNX export of an RBN needs running statistics (eval mode, "
+                                   "track_running_stats=True)")
+            ones = torch.ones_like(self.running_mean)
+            gamma = self.weight if self.weight is not None else ones
+            beta = self.bias if self.bias is not None else ones - 1
+            return torch.ops.normsurgeon.rbn(x, self.centering_weight, self.scaling_weight,
+                                             self.scaling_bias, gamma, beta, self.running_mean,
+                                             self.running_var, self.eps)
         # Per-instance moments of x in one pass. Centering shifts each instance by w_c·m(x), so
         # m(x_c) = (1 + w_c)·m(x) and var(x_c) = var(x); then m(x_n) = (m(x_c) − μ)·invstd and
         # y = γ·r·x_n + β = x·α + β' with α = γ·r·invstd, β' = β + α·(w_c·m(x) − μ):

@@ -1,0 +1,238 @@
+r"""The ``normsurgeon`` ONNX domain, in one place: torch custom ops, OpSchemas, onnxscript
+translations and the ONNX function bodies (SPEC §5).
+
+``ConditionalBatchNormalization(X, scale, bias, mean, var; epsilon)``, scale/bias (N, C):
+
+    Xb = BatchNormalization(X, 1, 0, mean, var)          # foldable into the producing Conv
+    Y  = Xb · scale[:, :, None…] + bias[:, :, None…]
+
+``RepresentativeBatchNormalization(X, w_c, w_v, b_v, gamma, beta, mean, var; epsilon)``, eval
+mode. With ``s = 1/sqrt(var+ε)``, ``t = −mean·s`` and ``Xb = BN(X)`` (again foldable), SPEC §4
+rewrites exactly as ``x_n = Xb + w_c·(m(Xb) − t)``, ``m(x_n) = m(Xb) + w_c·(m(Xb) − t)``,
+``r = sigmoid(w_v·m(x_n) + b_v)``, ``Y = (γ·r)·Xb + (γ·r)·w_c·(m(Xb) − t) + β``: one ReduceMean
+and a per-sample affine on top of the plain network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DOMAIN = "normsurgeon"
+VERSION = 1
+CBN_OP = "ConditionalBatchNormalization"
+RBN_OP = "RepresentativeBatchNormalization"
+BODY_OPSET = 18
+
+__all__ = ["DOMAIN", "VERSION", "CBN_OP", "RBN_OP", "export_mode", "current_export_mode",
+           "register_schemas", "translation_table", "function_protos", "cbn_reference",
+           "rbn_reference"]
+
+_MODE: list[str] = []  # stack: "custom" while exporting with custom ops
+
+
+@contextlib.contextmanager
+def export_mode(mode: str) -> Iterator[None]:
+    """While active, CBN/RBN layers call the ``normsurgeon::`` torch custom ops."""
+    _MODE.append(mode)
+    try:
+        yield
+    finally:
+        _MODE.pop()
+
+
+def current_export_mode() -> str | None:
+    return _MODE[-1] if _MODE else None
+
+
+# -- reference math (eager implementations of the custom ops) ------------------------------
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape((t.shape[0], t.shape[1]) + (1,) * (x.dim() - 2))
+
+
+def cbn_reference(x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+                  eps: float) -> Tensor:
+    xb = F.batch_norm(x, mean, var, None, None, False, 0.0, eps)
+    return xb * _per_channel(scale, x) + _per_channel(bias, x)
+
+
+def rbn_reference(x: Tensor, w_c: Tensor, w_v: Tensor, b_v: Tensor, gamma: Tensor,
+                  beta: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    c = x.shape[1]
+    v = (1, c, 1, 1)
+    s = torch.rsqrt(var + eps)
+    t = -mean * s
+    xb = F.batch_norm(x, mean, var, None, None, False, 0.0, eps)
+    d = xb.mean((2, 3), keepdim=True) - t.reshape(v)
+    m_n = d + t.reshape(v) + w_c.reshape(v) * d
+    r = torch.sigmoid(w_v.reshape(v) * m_n + b_v.reshape(v))
+    a = gamma.reshape(v) * r
+    return xb * a + (a * w_c.reshape(v) * d + beta.reshape(v))
+
+
+@torch.library.custom_op("normsurgeon::cbn", mutates_args=())
+def _cbn_op(x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+            eps: float) -> Tensor:
+    return cbn_reference(x, scale, bias, mean, var, eps)
+
+
+@_cbn_op.register_fake
+def _(x, scale, bias, mean, var, eps):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normsurgeon::rbn", mutates_args=())
+def _rbn_op(x: Tensor, w_c: Tensor, w_v: Tensor, b_v: Tensor, gamma: Tensor, beta: Tensor,
+            mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    return rbn_reference(x, w_c, w_v, b_v, gamma, beta, mean, var, eps)
+
+
+@_rbn_op.register_fake
+def _(x, w_c, w_v, b_v, gamma, beta, mean, var, eps):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+# -- ONNX side ----------------------------------------------------------------------------
+_TYPES = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def register_schemas() -> None:
+    """Register the two OpSchemas with onnx, once (the exporter and checker look them up)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    def param(name: str, doc: str = "") -> OpSchema.FormalParameter:
+        return OpSchema.FormalParameter(name, "T", doc)
+
+    specs = {
+        CBN_OP: ["X", "scale", "bias", "mean", "var"],
+        RBN_OP: ["X", "centering_weight", "scaling_weight", "scaling_bias", "gamma", "beta",
+                 "mean", "var"],
+    }
+    for op, inputs in specs.items():
+        if onnx.defs.has(op, DOMAIN):
+            continue
+        onnx.defs.register_schema(OpSchema(
+            op, DOMAIN, VERSION, doc=__doc__ or "",
+            inputs=[param(n) for n in inputs], outputs=[param("Y")],
+            type_constraints=[("T", _TYPES, "float tensors")],
+            attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "BN epsilon")],
+        ))
+
+
+def translation_table() -> dict:
+    """torch custom op → onnxscript function emitting the ``normsurgeon`` node."""
+    import onnxscript
+
+    register_schemas()
+    ns = onnxscript.values.Opset(DOMAIN, VERSION)
+
+    def cbn(x: onnxscript.FLOAT, scale: onnxscript.FLOAT, bias: onnxscript.FLOAT,
+            mean: onnxscript.FLOAT, var: onnxscript.FLOAT, eps: float) -> onnxscript.FLOAT:
+        return ns.ConditionalBatchNormalization(x, scale, bias, mean, var, epsilon=eps)
+
+    def rbn(x: onnxscript.FLOAT, w_c: onnxscript.FLOAT, w_v: onnxscript.FLOAT,
+            b_v: onnxscript.FLOAT, gamma: onnxscript.FLOAT, beta: onnxscript.FLOAT,
+            mean: onnxscript.FLOAT, var: onnxscript.FLOAT, eps: float) -> onnxscript.FLOAT:
+        return ns.RepresentativeBatchNormalization(x, w_c, w_v, b_v, gamma, beta, mean, var,
+                                                   epsilon=eps)
+
+    # this module uses postponed annotations; the exporter needs real ones (return type too)
+    t = onnxscript.FLOAT
+    cbn.__annotations__ = {"x": t, "scale": t, "bias": t, "mean": t, "var": t, "eps": float,
+                           "return": t}
+    rbn.__annotations__ = {"x": t, "w_c": t, "w_v": t, "b_v": t, "gamma": t, "beta": t,
+                           "mean": t, "var": t, "eps": float, "return": t}
+    return {torch.ops.normsurgeon.cbn.default: cbn, torch.ops.normsurgeon.rbn.default: rbn}
+
+
+def function_protos(opset: int) -> dict[str, object]:
+    """The FunctionProtos of both ops, written with ``""`` opset ``opset`` (≥ 18)."""
+    from onnx import AttributeProto, TensorProto, helper
+
+    ref_eps = helper.make_attribute_ref("epsilon", AttributeProto.FLOAT)
+
+    def node(op: str, ins: list[str], outs: list[str], **attrs: object):
+        return helper.make_node(op, ins, outs, **attrs)
+
+    def const_i64(name: str, values: list[int]):
+        return node("Constant", [], [name],
+                    value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+    def unit_bn(x: str, mean: str, out: str, prefix: str) -> list:
+        """BatchNormalization(x, 1, 0, mean, var) with 1/0 shaped like mean, typed like x."""
+        bn = node("BatchNormalization", [x, f"{prefix}one", f"{prefix}zero", mean, "var"],
+                  [out])
+        bn.attribute.append(ref_eps)
+        return [
+            node("Shape", [mean], [f"{prefix}c"]),
+            node("ConstantOfShape", [f"{prefix}c"], [f"{prefix}one_f"],
+                 value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+            node("CastLike", [f"{prefix}one_f", x], [f"{prefix}one"]),
+            node("Sub", [f"{prefix}one", f"{prefix}one"], [f"{prefix}zero"]),
+            bn,
+        ]
+
+    # CBN ------------------------------------------------------------------------------------
+    cbn_nodes = unit_bn("X", "mean", "Xb", "u_") + [
+        # (N, C) → (N, C, 1, …, 1) for any rank of X
+        node("Shape", ["X"], ["xs"]),
+        node("Size", ["xs"], ["rank"]),
+        const_i64("two", [2]),
+        node("Sub", ["rank", "two"], ["k"]),
+        node("ConstantOfShape", ["k"], ["ones_k"],
+             value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
+        node("Shape", ["scale"], ["nc"]),
+        node("Concat", ["nc", "ones_k"], ["target"], axis=0),
+        node("Reshape", ["scale", "target"], ["S"]),
+        node("Reshape", ["bias", "target"], ["B"]),
+        node("Mul", ["Xb", "S"], ["XS"]),
+        node("Add", ["XS", "B"], ["Y"]),
+    ]
+    opsets = [helper.make_opsetid("", opset)]
+    cbn = helper.make_function(DOMAIN, CBN_OP, ["X", "scale", "bias", "mean", "var"], ["Y"],
+                               cbn_nodes, opsets, attributes=[], attribute_protos=[
+                                   helper.make_attribute("epsilon", 1e-5)])
+
+    # RBN ------------------------------------------------------------------------------------
+    eps_node = node("Constant", [], ["eps_f"])  # value_float = the function's epsilon
+    eps_node.attribute.append(helper.make_attribute_ref("value_float", AttributeProto.FLOAT))
+    eps_node.attribute[0].ref_attr_name = "epsilon"
+    rbn_nodes = unit_bn("X", "mean", "Xb", "u_") + [
+        const_i64("v_shape", [1, -1, 1, 1]),
+        const_i64("hw", [2, 3]),
+        eps_node,
+        node("CastLike", ["eps_f", "var"], ["eps"]),
+        node("Add", ["var", "eps"], ["ve"]),
+        node("Sqrt", ["ve"], ["sd"]),
+        node("Reciprocal", ["sd"], ["s"]),
+        node("Mul", ["mean", "s"], ["ms"]),
+        node("Neg", ["ms"], ["t"]),
+        node("Reshape", ["t", "v_shape"], ["t4"]),
+        node("Reshape", ["centering_weight", "v_shape"], ["wc"]),
+        node("Reshape", ["scaling_weight", "v_shape"], ["wv"]),
+        node("Reshape", ["scaling_bias", "v_shape"], ["bv"]),
+        node("Reshape", ["gamma", "v_shape"], ["g4"]),
+        node("Reshape", ["beta", "v_shape"], ["b4"]),
+        node("ReduceMean", ["Xb", "hw"], ["mb"], keepdims=1),
+        node("Sub", ["mb", "t4"], ["d"]),                 # m(Xb) − t = s·m(X)
+        node("Mul", ["wc", "d"], ["wcd"]),
+        node("Add", ["mb", "wcd"], ["mn"]),               # m(x_n)
+        node("Mul", ["wv", "mn"], ["z0"]),
+        node("Add", ["z0", "bv"], ["z"]),
+        node("Sigmoid", ["z"], ["r"]),
+        node("Mul", ["g4", "r"], ["A"]),                  # γ·r, (N, C, 1, 1)
+        node("Mul", ["A", "wcd"], ["Aw"]),
+        node("Add", ["Aw", "b4"], ["Bsh"]),
+        node("Mul", ["Xb", "A"], ["XA"]),
+        node("Add", ["XA", "Bsh"], ["Y"]),
+    ]
+    rbn = helper.make_function(DOMAIN, RBN_OP, ["X", "centering_weight", "scaling_weight",
+                                                "scaling_bias", "gamma", "beta", "mean", "var"],
+                               ["Y"], rbn_nodes, opsets, attributes=[], attribute_protos=[
+                                   helper.make_attribute("epsilon", 1e-5)])
+    return {CBN_OP: cbn, RBN_OP: rbn}

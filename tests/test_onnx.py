@@ -1,0 +1,128 @@
+"""ONNX export and onnxruntime verification (SPEC §5, §6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normsurgeon as ns
+
+from .conftest import randomize_bn
+from .test_fold import DataDependent, small_cnn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+X = torch.randn(2, 3, 16, 16)
+TRANSFORMS = {"fold": ({}, ()), "cbn": (dict(cond_dim=6), (torch.randn(2, 6),)),
+              "cbn-labels": (dict(num_classes=4), (torch.tensor([0, 3]),)), "rbn": ({}, ())}
+OPS = {"cbn": "ConditionalBatchNormalization", "cbn-labels": "ConditionalBatchNormalization",
+       "rbn": "RepresentativeBatchNormalization"}
+
+
+def _model(kind: str):
+    return (randomize_bn(small_cnn()) if kind == "traceable" else randomize_bn(DataDependent())
+            ).eval()
+
+
+@pytest.mark.parametrize("kind", ["traceable", "untraceable"])
+@pytest.mark.parametrize("custom_ops", [True, False])
+@pytest.mark.parametrize("to", list(TRANSFORMS))
+def test_export_and_verify_every_transform(tmp_path, kind, custom_ops, to):
+    opts, extra = TRANSFORMS[to]
+    model = ns.convert(_model(kind), to.split("-")[0], example_inputs=X, **opts)
+    res = ns.export_onnx(model, (X, *extra), tmp_path / "m.onnx", custom_ops=custom_ops,
+                         verify=True)
+    v = res.verification
+    assert v and v.providers_run == ["CPUExecutionProvider"]
+    assert {c.batch for c in v.comparisons} == {2, 5}
+    assert {c.optimization for c in v.comparisons} == {"off", "all"}
+    assert v.max_rel() <= 1e-5
+    nodes = res.model.graph.node
+    domains = {n.domain for n in nodes}
+    if to == "fold":
+        assert not any(n.op_type == "BatchNormalization" for n in nodes)
+    elif custom_ops:
+        assert OPS[to] in [n.op_type for n in nodes if n.domain == "normsurgeon"]
+        assert [f.name for f in res.model.functions] == [OPS[to]]
+    else:
+        assert "normsurgeon" not in domains and len(res.model.functions) == 0
+    # batch is a dynamic axis on every input, the condition included
+    for inp in res.model.graph.input:
+        assert inp.type.tensor_type.shape.dim[0].dim_param, inp.name
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")), full_check=True)
+    assert kind == "traceable" or res.exporter.startswith("torchscript")
+
+
+def test_tampered_file_fails_verification(tmp_path):
+    model = ns.convert(_model("traceable"), "rbn")
+    path = tmp_path / "m.onnx"
+    ns.export_onnx(model, (X,), path)
+    proto = onnx.load(str(path))
+    init = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = onnx.numpy_helper.to_array(init) * 1.01
+    init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+    onnx.save(proto, str(path))
+    res = ns.verify_onnx(path, model, (X,))
+    assert not res and res.failures
+    assert "FAIL" in res.table()
+
+
+def test_verify_true_raises_on_mismatch(tmp_path):
+    model = ns.convert(_model("traceable"), "fold")
+    with pytest.raises(ns.VerificationError) as e:
+        ns.export_onnx(model, (X,), tmp_path / "m.onnx", verify=True, rtol=0.0, atol=0.0)
+    assert e.value.result is not None and not e.value.result
+
+
+def test_cuda_is_never_claimed_without_a_gpu(tmp_path):
+    model = ns.convert(_model("traceable"), "fold")
+    path = tmp_path / "m.onnx"
+    ns.export_onnx(model, (X,), path)
+    res = ns.verify_onnx(path, model, (X,), providers=["cuda"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert not res and "cuda" in res.not_run and res.providers_run == []
+        assert "not run" in res.table()
+    res = ns.verify_onnx(path, model, (X,))
+    assert "CUDAExecutionProvider" not in res.providers_run or torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="onnxruntime-gpu's CUDAExecutionProvider is not installed")
+def test_cuda_verification(tmp_path):
+    for to in ("fold", "cbn", "rbn"):
+        opts, extra = TRANSFORMS[to]
+        model = ns.convert(_model("traceable"), to, **opts)
+        ns.export_onnx(model, (X, *extra), tmp_path / f"{to}.onnx")
+        res = ns.verify_onnx(tmp_path / f"{to}.onnx", model, (X, *extra), providers=["cuda"])
+        if "cuda" in res.not_run:
+            pytest.skip(res.not_run["cuda"])
+        assert res and res.providers_run == ["CUDAExecutionProvider"], res.table()
+
+
+def test_plain_model_and_errors(tmp_path):
+    res = ns.export_onnx(_model("traceable"), X, tmp_path / "plain.onnx", verify=True)
+    assert res.verification and res.custom_ops == []
+    assert res.op_counts()["Conv"] == 2
+    with pytest.raises(TypeError, match="args"):
+        ns.export_onnx(_model("traceable"), 3, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="opset"):
+        ns.export_onnx(_model("traceable"), X, tmp_path / "x.onnx", opset=13)
+
+
+def test_zoo_slice_exports(tmp_path):
+    pytest.importorskip("pytorchcv")
+    from pytorchcv.models.mixnet import mixnet_s
+    from pytorchcv.models.resnet import resnet18
+
+    x = torch.randn(1, 3, 224, 224)
+    r18 = randomize_bn(resnet18()).eval()
+    for to, opts, extra in (("cbn", dict(cond_dim=8), (torch.randn(1, 8),)), ("rbn", {}, ())):
+        res = ns.export_onnx(ns.convert(r18, to, **opts), (x, *extra), tmp_path / f"{to}.onnx",
+                             verify=True)
+        assert res.custom_ops and res.verification
+    mix = ns.convert(randomize_bn(mixnet_s()).eval(), "fold", example_inputs=x)
+    res = ns.export_onnx(mix, (x,), tmp_path / "mix.onnx", verify=True)
+    assert res.verification
