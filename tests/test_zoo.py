@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 
 import pytest
 
 pytest.importorskip("pytorchcv", reason="pip install --no-deps pytorchcv")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import zoo  # noqa: E402
+# loaded by path: putting benchmarks/ on sys.path would let benchmarks/onnx.py shadow onnx
+_spec = importlib.util.spec_from_file_location(
+    "ns_bench_zoo", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "zoo.py"))
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
 
 # traceable, depthwise, pre-activation, dense concat, SE, and three models that torch.fx
 # cannot trace as a whole (shape arithmetic, iteration over proxies, torch.zeros(*size))

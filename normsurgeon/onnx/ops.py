@@ -151,10 +151,14 @@ def translation_table() -> dict:
 
 
 def function_protos(opset: int) -> dict[str, object]:
-    """The FunctionProtos of both ops, written with ``""`` opset ``opset`` (≥ 18)."""
-    from onnx import AttributeProto, TensorProto, helper
+    """The FunctionProtos of both ops, written with ``""`` opset ``opset`` (≥ 18).
 
-    ref_eps = helper.make_attribute_ref("epsilon", AttributeProto.FLOAT)
+    Written for onnxruntime's optimiser: constants are derived from the inputs with ops it can
+    constant-fold (``0 = mean − mean``, ``1 = exp(0)``: no CastLike), so the standardising
+    ``BatchNormalization`` folds into the producing Conv; the per-sample affine is a single
+    ``BatchNormalization`` over (1, N·C, …) with mean 0, var 1, ε 0 (exactly ``x·α + β'``).
+    """
+    from onnx import AttributeProto, TensorProto, helper
 
     def node(op: str, ins: list[str], outs: list[str], **attrs: object):
         return helper.make_node(op, ins, outs, **attrs)
@@ -163,56 +167,50 @@ def function_protos(opset: int) -> dict[str, object]:
         return node("Constant", [], [name],
                     value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
-    def unit_bn(x: str, mean: str, out: str, prefix: str) -> list:
-        """BatchNormalization(x, 1, 0, mean, var) with 1/0 shaped like mean, typed like x."""
-        bn = node("BatchNormalization", [x, f"{prefix}one", f"{prefix}zero", mean, "var"],
-                  [out])
-        bn.attribute.append(ref_eps)
+    def unit_bn(x: str, out: str) -> list:
+        """out = BatchNormalization(x, 1, 0, mean, var; ε = the function's epsilon)."""
+        bn = node("BatchNormalization", [x, "one_c", "zero_c", "mean", "var"], [out])
+        bn.attribute.append(helper.make_attribute_ref("epsilon", AttributeProto.FLOAT))
+        return [bn]
+
+    def per_sample_affine(x: str, a: str, b: str, out: str) -> list:
+        """out = x·a + b for (N, C, …) x and (N, C[, 1…]) a, b: broadcast Mul and Add, which
+        onnxruntime keeps in its blocked NCHWc layout (no reorders around the node)."""
         return [
-            node("Shape", [mean], [f"{prefix}c"]),
-            node("ConstantOfShape", [f"{prefix}c"], [f"{prefix}one_f"],
-                 value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
-            node("CastLike", [f"{prefix}one_f", x], [f"{prefix}one"]),
-            node("Sub", [f"{prefix}one", f"{prefix}one"], [f"{prefix}zero"]),
-            bn,
+            node("Shape", [x], ["ps_xs"]),
+            node("Size", ["ps_xs"], ["ps_rank"]),
+            node("Sub", ["ps_rank", "ps_two"], ["ps_k"]),
+            node("ConstantOfShape", ["ps_k"], ["ps_ones_k"],
+                 value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
+            node("Concat", ["ps_head", "ps_ones_k"], ["ps_target"], axis=0),
+            node("Reshape", [a, "ps_target"], ["ps_a"]),
+            node("Reshape", [b, "ps_target"], ["ps_b"]),
+            node("Mul", [x, "ps_a"], ["ps_xa"]),
+            node("Add", ["ps_xa", "ps_b"], [out]),
         ]
 
-    # CBN ------------------------------------------------------------------------------------
-    cbn_nodes = unit_bn("X", "mean", "Xb", "u_") + [
-        # (N, C) → (N, C, 1, …, 1) for any rank of X
-        node("Shape", ["X"], ["xs"]),
-        node("Size", ["xs"], ["rank"]),
-        const_i64("two", [2]),
-        node("Sub", ["rank", "two"], ["k"]),
-        node("ConstantOfShape", ["k"], ["ones_k"],
-             value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
-        node("Shape", ["scale"], ["nc"]),
-        node("Concat", ["nc", "ones_k"], ["target"], axis=0),
-        node("Reshape", ["scale", "target"], ["S"]),
-        node("Reshape", ["bias", "target"], ["B"]),
-        node("Mul", ["Xb", "S"], ["XS"]),
-        node("Add", ["XS", "B"], ["Y"]),
+    common = [
+        node("Sub", ["mean", "mean"], ["zero_c"]),
+        node("Exp", ["zero_c"], ["one_c"]),
+        const_i64("ps_two", [2]),
+        const_i64("ps_head", [0, 0]),
     ]
-    opsets = [helper.make_opsetid("", opset)]
-    cbn = helper.make_function(DOMAIN, CBN_OP, ["X", "scale", "bias", "mean", "var"], ["Y"],
-                               cbn_nodes, opsets, attributes=[], attribute_protos=[
-                                   helper.make_attribute("epsilon", 1e-5)])
 
-    # RBN ------------------------------------------------------------------------------------
-    eps_node = node("Constant", [], ["eps_f"])  # value_float = the function's epsilon
-    eps_node.attribute.append(helper.make_attribute_ref("value_float", AttributeProto.FLOAT))
-    eps_node.attribute[0].ref_attr_name = "epsilon"
-    rbn_nodes = unit_bn("X", "mean", "Xb", "u_") + [
+    # CBN: Y = BN(X)·scale + bias, per sample ------------------------------------------------
+    cbn_nodes = common + unit_bn("X", "Xb") + per_sample_affine("Xb", "scale", "bias", "Y")
+    opsets = [helper.make_opsetid("", opset)]
+    eps_default = [helper.make_attribute("epsilon", 1e-5)]
+    cbn = helper.make_function(DOMAIN, CBN_OP, ["X", "scale", "bias", "mean", "var"], ["Y"],
+                               cbn_nodes, opsets, attributes=[], attribute_protos=eps_default)
+
+    # RBN: see the module docstring; s and t come from the unit BN itself -------------------
+    rbn_nodes = common + [
         const_i64("v_shape", [1, -1, 1, 1]),
         const_i64("hw", [2, 3]),
-        eps_node,
-        node("CastLike", ["eps_f", "var"], ["eps"]),
-        node("Add", ["var", "eps"], ["ve"]),
-        node("Sqrt", ["ve"], ["sd"]),
-        node("Reciprocal", ["sd"], ["s"]),
-        node("Mul", ["mean", "s"], ["ms"]),
-        node("Neg", ["ms"], ["t"]),
-        node("Reshape", ["t", "v_shape"], ["t4"]),
+        node("Reshape", ["zero_c", "v_shape"], ["zero4"]),
+        node("Exp", ["zero4"], ["one4"]),
+    ] + unit_bn("zero4", "t4") + unit_bn("one4", "bn1") + unit_bn("X", "Xb") + [
+        node("Sub", ["bn1", "t4"], ["s4"]),                # s = BN(1) − BN(0)
         node("Reshape", ["centering_weight", "v_shape"], ["wc"]),
         node("Reshape", ["scaling_weight", "v_shape"], ["wv"]),
         node("Reshape", ["scaling_bias", "v_shape"], ["bv"]),
@@ -228,11 +226,9 @@ def function_protos(opset: int) -> dict[str, object]:
         node("Mul", ["g4", "r"], ["A"]),                  # γ·r, (N, C, 1, 1)
         node("Mul", ["A", "wcd"], ["Aw"]),
         node("Add", ["Aw", "b4"], ["Bsh"]),
-        node("Mul", ["Xb", "A"], ["XA"]),
-        node("Add", ["XA", "Bsh"], ["Y"]),
-    ]
+    ] + per_sample_affine("Xb", "A", "Bsh", "Y")
     rbn = helper.make_function(DOMAIN, RBN_OP, ["X", "centering_weight", "scaling_weight",
                                                 "scaling_bias", "gamma", "beta", "mean", "var"],
-                               ["Y"], rbn_nodes, opsets, attributes=[], attribute_protos=[
-                                   helper.make_attribute("epsilon", 1e-5)])
+                               ["Y"], rbn_nodes, opsets, attributes=[],
+                               attribute_protos=eps_default)
     return {CBN_OP: cbn, RBN_OP: rbn}

@@ -1,0 +1,106 @@
+"""ONNX benchmark: export time and onnxruntime CPU latency of CBN / RBN models vs the plain one.
+
+    python benchmarks/onnx.py [--model resnet50] [--reps 30] [--batch 1]
+
+One run, side by side: export time of normsurgeon.export_onnx vs plain torch.onnx.export of
+the original model; onnxruntime CPU latency (graph optimisations on, interleaved rounds,
+median) of the plain export, the CBN and RBN exports with custom ops, and with the functions
+inlined (custom_ops=False). The plain model's BN is folded by the exporter / onnxruntime, so
+the ratios show what the per-sample affine of CBN and the calibration of RBN cost on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path.pop(0)  # benchmarks/onnx.py must not shadow the onnx package
+
+
+def _load_zoo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ns_bench_zoo", os.path.join(_HERE, "zoo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+zoo = _load_zoo()
+
+import normsurgeon as ns  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+    args = p.parse_args()
+    import onnxruntime as ort
+
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    base = zoo.randomize(zoo.build(args.model))
+    x = zoo.example_input(base, batch=args.batch)
+    cond = torch.randn(args.batch, 128)
+    d = tempfile.mkdtemp()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(base, (x,), os.path.join(d, "torch.onnx"), dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    t_torch = time.perf_counter() - t
+    files, t_ns = {}, {}
+    for name, model, inputs, custom in [
+        ("plain", base, (x,), True),
+        ("CBN", ns.convert(base, "cbn", cond_dim=128), (x, cond), True),
+        ("CBN inlined", None, None, False),
+        ("RBN", ns.convert(base, "rbn"), (x,), True),
+        ("RBN inlined", None, None, False),
+    ]:
+        if model is None:  # same model as the previous row, functions inlined
+            model, inputs = last
+        last = (model, inputs)
+        res = ns.export_onnx(model, inputs, os.path.join(d, f"{name}.onnx"), custom_ops=custom)
+        files[name] = (res.path, inputs)
+        t_ns[name] = res.seconds
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if args.threads:
+        so.intra_op_num_threads = args.threads
+    sessions = {k: ort.InferenceSession(pth, so, providers=["CPUExecutionProvider"])
+                for k, (pth, _) in files.items()}
+    feeds = {k: {i.name: a.numpy() for i, a in zip(sessions[k].get_inputs(), inp)}
+             for k, (_, inp) in files.items()}
+    lat: dict[str, list[float]] = {k: [] for k in sessions}
+    for k, s in sessions.items():
+        s.run(None, feeds[k])
+    for _ in range(args.reps):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds[k])
+            lat[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) * 1e3 for k, v in lat.items()}
+    print(f"{args.model}, batch {args.batch}, onnxruntime {ort.__version__} CPU, "
+          f"optimizations on, median of {args.reps}\n")
+    print(f"export: torch.onnx.export (plain model) {t_torch:.2f}s; normsurgeon.export_onnx: "
+          + ", ".join(f"{k} {v:.2f}s ({v / t_torch:.2f}x)" for k, v in t_ns.items()) + "\n")
+    print(f"{'graph':<12} {'latency':>10} {'x plain':>8}")
+    for k, v in med.items():
+        print(f"{k:<12} {v:>8.2f}ms {v / med['plain']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
