@@ -63,16 +63,11 @@ def main() -> None:
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
     t_torch = time.perf_counter() - t
     files, t_ns = {}, {}
-    for name, model, inputs, custom in [
-        ("plain", base, (x,), True),
-        ("CBN", ns.convert(base, "cbn", cond_dim=128), (x, cond), True),
-        ("CBN inlined", None, None, False),
-        ("RBN", ns.convert(base, "rbn"), (x,), True),
-        ("RBN inlined", None, None, False),
-    ]:
-        if model is None:  # same model as the previous row, functions inlined
-            model, inputs = last
-        last = (model, inputs)
+    cbn_model, rbn_model = ns.convert(base, "cbn", cond_dim=128), ns.convert(base, "rbn")
+    rows = [("plain", base, (x,), True), ("CBN", cbn_model, (x, cond), True),
+            ("CBN inlined", cbn_model, (x, cond), False), ("RBN", rbn_model, (x,), True),
+            ("RBN inlined", rbn_model, (x,), False)]
+    for name, model, inputs, custom in rows:
         res = ns.export_onnx(model, inputs, os.path.join(d, f"{name}.onnx"), custom_ops=custom)
         files[name] = (res.path, inputs)
         t_ns[name] = res.seconds

@@ -169,6 +169,118 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _example_args(args: argparse.Namespace) -> tuple[Any, ...]:
+    import torch
+
+    if not args.input_shape:
+        raise UsageError("--input-shape is required, e.g. --input-shape 1,3,224,224")
+    shape = parse_shape(args.input_shape)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(shape, generator=g)
+    if args.to != "cbn":
+        return (x,)
+    if args.num_classes:
+        return (x, torch.randint(0, args.num_classes, (shape[0],), generator=g))
+    if not args.cond_dim:
+        raise UsageError("--to cbn needs --cond-dim E or --num-classes K")
+    return (x, torch.randn(shape[0], args.cond_dim, generator=g))
+
+
+def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
+    """The model as ``export`` and ``verify`` both rebuild it: seeded, then converted."""
+    import torch
+
+    import normsurgeon as ns
+
+    model = load_model(args.model, args.weights, args.seed)
+    example = _example_args(args)
+    if args.to == "none":
+        return model, example
+    torch.manual_seed(args.seed)
+    converted = ns.convert(model, args.to, example_inputs=example[:1], **_convert_options(args))
+    return converted, example
+
+
+def _providers(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    out = [p.strip().lower() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in ("cpu", "cuda")]
+    if bad:
+        raise UsageError(f"unknown provider(s) {', '.join(bad)}: use cpu and/or cuda")
+    return out
+
+
+def _print_verification(res: Any) -> int:
+    print(res.table())
+    return EXIT_OK if res else EXIT_MISMATCH
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import normsurgeon as ns
+
+    providers = _providers(args.providers)
+    with progress("converting"):
+        model, example = _build_converted(args)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"output directory {out_dir!r} does not exist")
+    with progress("exporting"):
+        res = ns.export_onnx(model, example, args.output, custom_ops=not args.no_custom_ops)
+    ops_text = ", ".join(res.custom_ops) or "standard ops only"
+    print(f"wrote {res.path} ({ops_text}; opset {res.opset}; exporter {res.exporter}; "
+          f"{res.seconds:.1f}s)")
+    if args.verify:
+        with progress("verifying on onnxruntime"):
+            v = ns.verify_onnx(res.path, model, example, providers=providers)
+        return _print_verification(v)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import normsurgeon as ns
+
+    if not os.path.isfile(args.onnx_file):
+        raise UsageError(f"ONNX file {args.onnx_file!r} does not exist")
+    providers = _providers(args.providers)
+    with progress("rebuilding the reference"):
+        model, example = _build_converted(args)
+    with progress("verifying on onnxruntime"):
+        try:
+            v = ns.verify_onnx(args.onnx_file, model, example, providers=providers)
+        except Exception as e:  # an unreadable or mismatched file is bad input
+            if type(e).__name__ in ("InvalidGraph", "InvalidArgument", "Fail", "DecodeError",
+                                    "NoSuchFile", "InvalidProtobuf"):
+                raise UsageError(f"cannot run {args.onnx_file!r}: "
+                                 f"{str(e).splitlines()[0]}") from None
+            raise
+    return _print_verification(v)
+
+
+def _add_export_commands(sub: Any, choices: list[str]) -> None:
+    p = sub.add_parser("export", help="convert, export to ONNX, optionally verify")
+    _add_model_args(p, [*choices, "none"])
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--no-custom-ops", action="store_true",
+                   help="standard ONNX ops only (no normsurgeon domain)")
+    p.add_argument("--verify", action="store_true", help="compare on onnxruntime")
+    p.add_argument("--providers", help="cpu,cuda (default: cpu, plus cuda when available)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="rebuild the reference model and compare an ONNX file")
+    p.add_argument("onnx_file")
+    p.add_argument("--model", required=True,
+                   help="package.module:callable or path/to/file.py:callable")
+    p.add_argument("--to", default="fold", choices=[*choices, "none"])
+    p.add_argument("--input-shape", required=True)
+    p.add_argument("--weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cond-dim", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--providers", help="cpu,cuda")
+    p.set_defaults(func=cmd_verify)
+
+
 # -- parser -----------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser, to_choices: Sequence[str]) -> None:
     p.add_argument("model", help="package.module:callable or path/to/file.py:callable")
@@ -193,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     choices = _transform_choices()
 
-    p = sub.add_parser("inspect", help="show what conversion would do to every BatchNorm")
+    p = sub.add_parser("inspect", help="show what conversion would do to every BatchNorm",
+                       description="A table of every BatchNorm site and what --to would do "
+                                   "with it. Nothing is written.")
     _add_model_args(p, choices)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
@@ -206,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list[Callable[[Any, list[str]], None]] = []
+_EXTRA_COMMANDS: list[Callable[[Any, list[str]], None]] = [_add_export_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

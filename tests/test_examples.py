@@ -39,3 +39,11 @@ def test_rbn_example_quick(capsys):
     assert res["converted"] == res["shifted"]  # function preserving
     assert res["rbn"] > res["shifted"]
     assert "fine-tuned" in capsys.readouterr().out
+
+
+def test_deploy_example_quick(capsys):
+    pytest.importorskip("pytorchcv")
+    pytest.importorskip("onnxruntime")
+    res = load("deploy_onnxruntime").main(["--quick"])
+    assert res["agree"] == 1.0 and res["rel"] <= 1e-5 and res["bn_nodes"] == 0
+    assert "PASS" in capsys.readouterr().out

@@ -106,6 +106,9 @@ def export_onnx(
         dynamic_shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0
                                else None for a in export_args)
     exporter = "dynamo"
+    torch_log = logging.getLogger("torch.onnx")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
     try:
         proto = _export_dynamo(model, export_args, dynamic_shapes, opset)
     except Exception as e:  # torch.export cannot capture it: trace it instead
@@ -117,6 +120,8 @@ def export_onnx(
         except Exception as e2:
             raise ExportError(f"both exporters failed. torch.export: {reason}; TorchScript: "
                               f"{type(e2).__name__}: {str(e2).strip()[:300]}") from e2
+    finally:
+        torch_log.setLevel(level)
     model_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     used = sorted({n.op_type for n in proto.graph.node if n.domain == ops.DOMAIN})
     bodies = ops.function_protos(model_opset)

@@ -1,0 +1,117 @@
+"""The normsurgeon command line: subcommands, exit codes, messages without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from normsurgeon import cli
+from normsurgeon.rules import available
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    def build():
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for bn in (m[1], m[4]):
+                bn.running_mean.uniform_(-1, 1, generator=g)
+                bn.running_var.uniform_(0.5, 2, generator=g)
+        return m
+
+    def not_a_model():
+        return 3
+""")
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text(FACTORY)
+    return f"{f}:build"
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_table_and_json(model_file, capsys):
+    code, out, _ = run(["inspect", model_file, "--input-shape", "2,3,8,8"], capsys)
+    assert code == 0 and "folded" in out and "0" in out and "dry run" in out
+    code, out, _ = run(["inspect", model_file, "--to", "rbn", "--json"], capsys)
+    assert code == 0 and json.loads(out)["counts"] == {"replaced": 2}
+
+
+@pytest.mark.parametrize("to, extra", [("fold", []), ("cbn", ["--cond-dim", "5"]),
+                                       ("cbn", ["--num-classes", "3"]), ("rbn", []),
+                                       ("none", [])])
+def test_export_verify_roundtrip(model_file, tmp_path, capsys, to, extra):
+    out_file = str(tmp_path / "m.onnx")
+    code, out, err = run(["export", model_file, "--to", to, "--input-shape", "2,3,8,8",
+                          "-o", out_file, "--verify", "--providers", "cpu", *extra], capsys)
+    assert code == 0, err
+    assert "PASS" in out and "wrote" in out
+    code, out, _ = run(["verify", out_file, "--model", model_file, "--to", to,
+                        "--input-shape", "3,3,8,8", *extra], capsys)
+    assert code == 0 and "PASS" in out
+
+
+def test_mismatch_exits_1(model_file, tmp_path, capsys):
+    out_file = str(tmp_path / "m.onnx")
+    assert run(["export", model_file, "--input-shape", "2,3,8,8", "-o", out_file], capsys)[0] == 0
+    code, out, _ = run(["verify", out_file, "--model", model_file, "--input-shape", "2,3,8,8",
+                        "--seed", "7", "--to", "none"], capsys)
+    assert code == 1 and "FAIL" in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["inspect", "no_such_module:build"], "cannot import"),
+    (["inspect", "noseparator"], "package.module:callable"),
+    (["inspect", "{model}", "--input-shape", "1,a"], "malformed --input-shape"),
+    (["inspect", "{file}:not_a_model"], "not a torch.nn.Module"),
+    (["inspect", "{model}", "--weights", "/nonexistent.pt"], "cannot read weights"),
+    (["export", "{model}", "--to", "cbn", "--input-shape", "1,3,8,8", "-o", "x.onnx"],
+     "--cond-dim"),
+    (["verify", "/nonexistent.onnx", "--model", "{model}", "--input-shape", "1,3,8,8"],
+     "does not exist"),
+    (["export", "{model}", "--input-shape", "1,3,8,8", "-o", "x.onnx", "--providers", "tpu"],
+     "unknown provider"),
+])
+def test_usage_errors_exit_2_with_one_line(model_file, capsys, argv, words):
+    file = model_file.rsplit(":", 1)[0]
+    argv = [a.replace("{model}", model_file).replace("{file}", file) for a in argv]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and words in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_to_choices_come_from_the_registry(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["inspect", "a:b", "--to", "nonsense"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in available())
+
+
+def test_python_dash_m_and_weights(model_file, tmp_path):
+    path, _ = model_file.rsplit(":", 1)
+    ns = {}
+    exec(FACTORY, ns)
+    weights = tmp_path / "w.pt"
+    torch.save(ns["build"]().state_dict(), weights)
+    res = subprocess.run([sys.executable, "-m", "normsurgeon", "inspect", model_file,
+                          "--weights", str(weights)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "2 folded" in res.stdout
