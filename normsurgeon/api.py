@@ -166,7 +166,9 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
             f"to={to!r} needs inference semantics but the model is in training mode; "
             "call model.eval() first")
     t0 = time.perf_counter()
-    work = model if inplace else copy.deepcopy(model)
+    # analysis reads the user's model and never changes it (tracing undoes fx's constant
+    # attributes, the example run happens in eval mode with every flag restored)
+    work = model
 
     # 1. analyse ---------------------------------------------------------------------------
     holders = _with_bn_below(work) | {id(work)}  # the root may hold functional batch_norm
@@ -212,8 +214,12 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
         if bad:
             raise StrictModeError(bad)
 
-    # 3. apply ------------------------------------------------------------------------------
+    # 3. apply (to a copy unless inplace) -------------------------------------------------
     report = ConversionReport(transform=to, regions=dict(status), dry_run=dry_run)
+    if not dry_run and not inplace:
+        memo = transform.copy_memo(ctx, decisions)
+        work = copy.deepcopy(model, memo)
+    ctx.target = work
     for d in decisions:
         if d.rule is None:
             continue
@@ -237,12 +243,24 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
 
     work = _rebuild(work, ctx)
     work = transform.finalize(work, ctx, report)
+    if not inplace:
+        _check_no_sharing(model, work)
     report.seconds = time.perf_counter() - t0
     if inputs is not None and ref_out is not None:
         with torch.no_grad(), eval_mode(work):
             report.max_rel_error = compare_outputs(transform.call(work, inputs), ref_out)
     log.info("%s", report.summary())
     return ConversionResult(work, report)
+
+
+def _check_no_sharing(model: nn.Module, work: nn.Module) -> None:
+    """The returned model must not share a parameter or buffer with the user's model."""
+    mine = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    shared = [n for n, t in list(work.named_parameters()) + list(work.named_buffers())
+              if id(t) in mine]
+    if shared:
+        raise NormSurgeonError(f"internal error: the converted model shares {shared[:3]} with "
+                               "the original; please report this")
 
 
 def _unreached_reason(qual: str, status: dict[str, str]) -> str:
@@ -270,7 +288,7 @@ def _rebuild(work: nn.Module, ctx: Context) -> nn.Module:
                 site.node.replace_all_uses_with(site.input_node)
                 region.graph.erase_node(site.node)
         region.graph.lint()
-        gm = region.graph_module()
+        gm = region.graph_module(root=work.get_submodule(region.name) if region.name else work)
         gm.recompile()
         if region.name:
             set_submodule(work, region.name, gm)

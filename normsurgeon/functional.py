@@ -61,17 +61,32 @@ def _bias64(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
     return bias.detach().to(torch.float64)
 
 
+def _scaled(weight: Tensor, scale: Tensor, like: Tensor | None) -> Tensor:
+    """``weight · scale`` computed in float64 (``scale`` is float64, so that is the kernel's
+    compute dtype); stored in float64, or straight into ``like``'s dtype and strides by the same
+    fused kernel (no float64 copy of the weights is ever materialised)."""
+    if like is None:
+        return weight.detach().to(torch.float64, copy=True).mul_(scale)
+    out = torch.empty_strided(like.size(), like.stride(), dtype=like.dtype, device=like.device)
+    return torch.mul(weight.detach(), scale, out=out)
+
+
+def _finish(b: Tensor, like: Tensor | None) -> Tensor:
+    return b if like is None else b.to(like.dtype)
+
+
 def fold_conv_bn(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, *, like: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     r"""Conv → BN: ``W'[o] = W[o]·s[o]``, ``b' = s·b + t`` (exact for any stride/padding/groups).
 
-    ``weight`` is (Cout, Cin/g, k...). Returns ``(W', b')`` in float64; cast with :func:`cast_like`.
+    ``weight`` is (Cout, Cin/g, k...). Computed in float64; returned in float64, or in ``like``'s
+    dtype (and strides, for W') when given.
     """
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    w = weight.detach().to(torch.float64, copy=True).mul_(s.reshape(shape))
+    w = _scaled(weight, s.reshape(shape), like)
     b = s * _bias64(bias, s.numel(), s) + t
-    return w, b
+    return w, _finish(b, like)
 
 
 def fold_conv_transpose_bn(
@@ -92,10 +107,10 @@ def fold_conv_transpose_bn(
 
 
 def fold_linear_bn(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
+    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, *, like: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     r"""Linear → BatchNorm1d on a 2-D (N, F) tensor: ``W'[o,:] = W[o,:]·s[o]``, ``b' = s·b + t``."""
-    return fold_conv_bn(weight, bias, s, t)
+    return fold_conv_bn(weight, bias, s, t, like=like)
 
 
 def fold_bn_conv(

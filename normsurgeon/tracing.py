@@ -234,17 +234,19 @@ class Region:
         meta = node.meta.get("tensor_meta")
         return getattr(meta, "shape", None)
 
-    def graph_module(self) -> fx.GraphModule:
-        """A runnable GraphModule of this region's (current) graph. Symbolic regions only."""
+    def graph_module(self, root: nn.Module | None = None) -> fx.GraphModule:
+        """A runnable GraphModule of this region's (current) graph, taking its submodules from
+        ``root`` (default: the traced module). Symbolic regions only."""
         if self.mode != "symbolic":
             raise RuntimeError(f"region {self.name!r} was traced concretely; it cannot be run")
+        root = self.module if root is None else root
         for k, v in self.constants.items():
-            setattr(self.module, k, v)
+            setattr(root, k, v)
         try:
-            return fx.GraphModule(self.module, self.graph, type(self.module).__name__)
+            return fx.GraphModule(root, self.graph, type(root).__name__)
         finally:
             for k in self.constants:
-                delattr(self.module, k)
+                delattr(root, k)
 
 
 def record_inputs(

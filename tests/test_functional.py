@@ -150,3 +150,14 @@ def test_rel_error_definition():
     ref = torch.tensor([1.0, -4.0])
     assert Fn.rel_error(torch.tensor([1.0, -3.0]), ref) == pytest.approx(0.25)
     assert Fn.rel_error(torch.zeros(2), torch.zeros(2)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_fold_is_float64_math_rounded_once(dtype):
+    """like=: one fused kernel computing in float64 gives exactly round(W·s in float64)."""
+    w = torch.randn(16, 8, 3, 3).to(dtype).to(memory_format=torch.channels_last)
+    s, t = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
+    w2, b2 = Fn.fold_conv_bn(w, None, s, t, like=w)
+    ref_w, ref_b = Fn.fold_conv_bn(w, None, s, t)
+    assert w2.dtype == dtype and w2.stride() == w.stride()
+    assert torch.equal(w2, ref_w.to(dtype)) and torch.equal(b2, ref_b.to(dtype))

@@ -95,6 +95,12 @@ class Context:
     names: dict[int, list[str]] = field(default_factory=dict)
     param_owners: dict[int, set[int]] = field(default_factory=dict)
     rebuild: set[str] = field(default_factory=set)  # regions whose graph must replace the module
+    target: nn.Module | None = None  # the model rewrites edit (the copy; ``model`` is analysed)
+
+    def target_module(self, qualname: str) -> nn.Module:
+        """The module at ``qualname`` in the model being rewritten."""
+        root = self.target if self.target is not None else self.model
+        return root.get_submodule(qualname) if qualname else root
 
     def __post_init__(self) -> None:
         for qual, m in self.model.named_modules(remove_duplicate=False):
@@ -253,6 +259,11 @@ class Transform:
     def apply(self, ctx: Context, decision: Decision) -> SiteRecord:
         assert decision.rule is not None
         return decision.rule.rewrite(ctx, decision.match)
+
+    def copy_memo(self, ctx: Context, decisions: list[Decision]) -> dict[int, Any]:
+        """``copy.deepcopy`` memo entries for objects the rewrite replaces anyway (so they are
+        not copied only to be thrown away). Default: none."""
+        return {}
 
     def finalize(self, model: nn.Module, ctx: Context, report: ConversionReport) -> nn.Module:
         return model

@@ -105,10 +105,8 @@ class _FoldRule(Rule):
             return problem
         m.result = w, b = self.folded(m)
         m.result_of = layer.weight
-        dtype = layer.weight.dtype
-        limit = torch.finfo(dtype).max
-        if max(float(w.abs().max()), float(b.abs().max())) > limit:
-            return f"folded weights would overflow {dtype}"
+        if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+            return f"folded weights would overflow {layer.weight.dtype}"
         return None
 
     # -- hooks for subclasses --------------------------------------------------------------
@@ -122,14 +120,15 @@ class _FoldRule(Rule):
         raise NotImplementedError
 
     def rewrite(self, ctx: Context, m: FoldMatch) -> SiteRecord:
-        fresh = m.result is not None and m.result_of is m.layer.weight
+        layer = ctx.target_module(m.layer_name)
+        fresh = m.result is not None and m.result_of is layer.weight
+        if not fresh:  # the layer was already folded on its other side: start from that
+            m.layer = layer
         w, b = m.result if fresh else self.folded(m)
         m.result = m.result_of = None
-        layer = m.layer
-        old_w = layer.weight
-        layer.weight = nn.Parameter(Fn.cast_like(w, old_w), requires_grad=old_w.requires_grad)
-        ref_b = layer.bias if layer.bias is not None else old_w.new_empty(b.shape)
-        layer.bias = nn.Parameter(Fn.cast_like(b, ref_b), requires_grad=old_w.requires_grad)
+        grad = layer.weight.requires_grad
+        layer.weight = nn.Parameter(w, requires_grad=grad)
+        layer.bias = nn.Parameter(b, requires_grad=grad)
         _remove_bn(ctx, m.site)
         return SiteRecord(m.site.name, m.site.kind, Action.FOLDED, target=m.layer_name,
                           detail=f"{self.direction}, {self.name}", trace=m.site.region.mode)
@@ -157,7 +156,7 @@ class ConvBN(_FoldRule):
 
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
         s, t = m.site.scale_shift()
-        return Fn.fold_conv_bn(m.layer.weight, m.layer.bias, s, t)
+        return Fn.fold_conv_bn(m.layer.weight, m.layer.bias, s, t, like=m.layer.weight)
 
 
 class ConvTransposeBN(_FoldRule):
@@ -171,7 +170,8 @@ class ConvTransposeBN(_FoldRule):
 
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
         s, t = m.site.scale_shift()
-        return Fn.fold_conv_transpose_bn(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
+        w, b = Fn.fold_conv_transpose_bn(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
+        return Fn.cast_like(w, m.layer.weight), b.to(m.layer.weight.dtype)
 
 
 class LinearBN(_FoldRule):
@@ -188,7 +188,7 @@ class LinearBN(_FoldRule):
 
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
         s, t = m.site.scale_shift()
-        return Fn.fold_linear_bn(m.layer.weight, m.layer.bias, s, t)
+        return Fn.fold_linear_bn(m.layer.weight, m.layer.bias, s, t, like=m.layer.weight)
 
 
 class BNConv(_FoldRule):
@@ -217,7 +217,8 @@ class BNConv(_FoldRule):
 
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
         s, t = m.site.scale_shift()
-        return Fn.fold_bn_conv(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
+        w, b = Fn.fold_bn_conv(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
+        return Fn.cast_like(w, m.layer.weight), b.to(m.layer.weight.dtype)
 
 
 class BNLinear(_FoldRule):
@@ -235,7 +236,8 @@ class BNLinear(_FoldRule):
 
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
         s, t = m.site.scale_shift()
-        return Fn.fold_bn_linear(m.layer.weight, m.layer.bias, s, t)
+        w, b = Fn.fold_bn_linear(m.layer.weight, m.layer.bias, s, t)
+        return Fn.cast_like(w, m.layer.weight), b.to(m.layer.weight.dtype)
 
 
 class BNConvTranspose(_FoldRule):
@@ -260,7 +262,7 @@ def _remove_bn(ctx: Context, site: BNSite) -> None:
     if site.module is None:
         ctx.rebuild.add(site.region.name)
     else:
-        set_submodule(site.region.module, site.node.target, nn.Identity())
+        set_submodule(ctx.target_module(""), site.name, nn.Identity())
     ctx.options.setdefault("_removed_nodes", []).append(site)
 
 
@@ -279,6 +281,20 @@ def _describe(node: fx.Node | None, region_module: nn.Module) -> str:
 
 class FoldTransform(Transform):
     """Fold inference BatchNorm into neighbouring Conv / ConvTranspose / Linear layers."""
+
+    def copy_memo(self, ctx: Context, decisions: list[Decision]) -> dict[int, object]:
+        """Folded layers get new weight and bias Parameters and folded BNs become Identity:
+        let the copy share the old ones for a moment instead of copying them."""
+        memo: dict[int, object] = {}
+        for d in decisions:
+            if d.rule is None:
+                continue
+            for p in (d.match.layer.weight, d.match.layer.bias):
+                if p is not None:
+                    memo[id(p)] = p
+            if d.site.module is not None:
+                memo[id(d.site.module)] = nn.Identity()
+        return memo
 
     name = "fold"
     help = "fold eval BatchNorm into the neighbouring Conv/ConvTranspose/Linear (no BN left)"

@@ -50,7 +50,7 @@ class ReplaceBN(Rule):
         assert site.module is not None
         new = self.factory(site.module)
         for qual in ctx.names.get(id(site.module), [site.name]):
-            set_submodule(ctx.model, qual, new)
+            set_submodule(ctx.target_module(""), qual, new)
         return SiteRecord(site.name, site.kind, Action.REPLACED, target=type(new).__name__,
                           trace="module")
 
@@ -167,7 +167,7 @@ class CBNTransform(_ReplaceTransform):
         root = next((r for r in ctx.regions if r.name == "" and r.mode == "symbolic"), None)
         if root is not None and _can_thread(root.graph):
             report.regions["condition"] = "threaded through the fx graph"
-            return _thread_condition(root, model, self.spec)
+            return _thread_condition(root, model, self.spec)  # model: the rewritten copy
         report.regions["condition"] = ("model class subclassed: forward(*inputs, cond) sets the "
                                        "condition every CBN reads")
         return ConditionedForward.wrap(model, cbns, self.spec)
@@ -213,7 +213,7 @@ def _thread_condition(region: Any, model: nn.Module, spec: ConditionSpec) -> nn.
                                                 tuple(_CBN_FOR.values())):
             n.args = (n.args[0], checked)
     graph.lint()
-    gm = region.graph_module()
+    gm = region.graph_module(root=model)
     gm.recompile()
     return gm
 
