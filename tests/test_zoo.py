@@ -31,7 +31,9 @@ SLICE = {
 def _assert_ok(rec: dict) -> None:
     assert rec["status"] == "ok", rec
     assert zoo.within_bar(rec), rec
-    if rec["fuse_bn_left"] is not None:
+    # fewer BN left than fuse leaves, wherever fuse's own result is correct (it is not on
+    # e.g. polynet, where it folds one conv called at 3 sites with 3 different BNs)
+    if rec["fuse_bn_left"] is not None and zoo.within_bar({**rec, "rel": rec["fuse_rel"]}):
         assert rec["bn_left"] <= rec["fuse_bn_left"], rec
 
 
@@ -54,4 +56,7 @@ def test_zoo_full_sweep(name):
     rec = zoo.check(name)
     if rec["status"] == "does not build/run":
         pytest.skip(rec["error"])
+    if not zoo.within_bar(rec):  # fp32 noise of an ill-conditioned net: demand fp64 exactness
+        assert zoo.exact_in_fp64(rec), rec
+        rec = {**rec, "rel": 0.0}
     _assert_ok(rec)
