@@ -18,6 +18,14 @@ from .errors import (
     UnknownTransformError,
     VerificationError,
 )
+from .layers import (
+    ConditionalBatchNorm1d,
+    ConditionalBatchNorm2d,
+    ConditionalBatchNorm3d,
+    RepresentativeBatchNorm2d,
+    convert_sync,
+    param_groups,
+)
 from .report import Action, ConversionReport, SiteRecord
 from .rules import available as available_transforms
 
@@ -46,6 +54,12 @@ __all__ = [
     "export_onnx",
     "verify_onnx",
     "ConversionResult",
+    "ConditionalBatchNorm1d",
+    "ConditionalBatchNorm2d",
+    "ConditionalBatchNorm3d",
+    "RepresentativeBatchNorm2d",
+    "param_groups",
+    "convert_sync",
     "ConversionReport",
     "SiteRecord",
     "Action",

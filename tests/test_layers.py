@@ -258,3 +258,12 @@ def test_training_gradients_match_literal_formulas():
     g2 = torch.autograd.grad(ref.sin().sum(), params)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_public_api_surface():
+    import normsurgeon as ns
+
+    for name in ns.__all__:
+        assert hasattr(ns, name), name
+    assert ns.ConditionalBatchNorm2d is ConditionalBatchNorm2d
+    assert ns.RepresentativeBatchNorm2d is RepresentativeBatchNorm2d
