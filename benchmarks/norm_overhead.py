@@ -23,21 +23,10 @@ import time
 import torch
 from torch import nn
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
-    sys.path.pop(0)  # benchmarks/onnx.py must not shadow the onnx package
+import zoo  # noqa: E402  (run as a script, benchmarks/ is sys.path[0])
 
-
-def _load_zoo():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("ns_bench_zoo", os.path.join(_HERE, "zoo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-zoo = _load_zoo()
+if os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # from here on, benchmarks/onnx.py cannot shadow the onnx package
 
 import normsurgeon as ns  # noqa: E402
 
