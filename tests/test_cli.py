@@ -115,3 +115,23 @@ def test_python_dash_m_and_weights(model_file, tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert "2 folded" in res.stdout
+
+
+def test_progress_spinner_on_a_terminal_only(monkeypatch):
+    import io
+    import time
+
+    class FakeTTY(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    with cli.progress("exporting"):
+        time.sleep(0.5)
+    assert "exporting" in tty.getvalue()
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    with cli.progress("exporting"):
+        time.sleep(0.3)
+    assert pipe.getvalue() == ""  # nothing written into logs and pipes
