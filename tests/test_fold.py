@@ -386,3 +386,33 @@ def test_report_lists_every_bn_once_and_serializes():
     table = report.table()
     assert "0.bn" in table and "other users" in table and report.summary() in table
     assert report.to_json()
+
+
+class MixConv(nn.Module):
+    """Channel groups through different kernels, concatenated (pytorchcv's MixNet)."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(2, 5, 5, padding=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.leak = leak
+
+    def forward(self, x):
+        xa, xb = torch.split(x, [2, 2], dim=1)
+        ya, yb = self.a(xa), self.b(xb)
+        out = self.bn(torch.cat((ya, yb), dim=1))
+        return out + yb.mean() if self.leak else out
+
+
+def test_cat_of_convs_then_bn_folds_each_slice():
+    model = prep(MixConv())
+    x = torch.randn(2, 4, 9, 9)
+    out, report = ns.convert_with_report(model, example_inputs=x)
+    assert report["bn"].action == "folded" and report["bn"].target == "a, b"
+    assert "cat-conv-bn" in report["bn"].detail and count_bn(out) == 0
+    assert_fold_exact(model, out, x)
+    leaky = prep(MixConv(leak=True))
+    out, report = ns.convert_with_report(leaky, example_inputs=x)
+    assert report["bn"].action == "skipped" and "other users" in report["bn"].reason
+    assert_fold_exact(leaky, out, x)

@@ -257,8 +257,92 @@ class BNConvTranspose(_FoldRule):
                 "the output varies in space")
 
 
-FOLD_RULES: tuple[_FoldRule, ...] = (ConvBN(), ConvTransposeBN(), LinearBN(), BNConv(),
-                                     BNLinear(), BNConvTranspose())
+@dataclass
+class CatFoldMatch:
+    """BN after ``torch.cat([conv_1(x_1), …, conv_k(x_k)], dim=1)`` (MixConv, Inception)."""
+
+    site: BNSite
+    layer_names: list[str]
+    layers: list[nn.Module]
+    layer_nodes: list[fx.Node]
+    cat_node: fx.Node
+
+    @property
+    def layer_name(self) -> str:
+        return ", ".join(self.layer_names)
+
+
+class CatConvBN(Rule):
+    """cat(Conv_1, …, Conv_k; dim=1) → BN: conv i takes BN channels
+    ``[c_i, c_i + Cout_i)`` of ``s`` and ``t``; then it is Conv → BN for each part."""
+
+    name = "cat-conv-bn"
+    direction = "producer"
+
+    def match(self, ctx: Context, site: BNSite) -> CatFoldMatch | None:
+        cat = site.input_node
+        if cat is None or cat.op != "call_function" or cat.target is not torch.cat:
+            return None
+        parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if dim != 1 or not isinstance(parts, (list, tuple)) or len(parts) < 2:
+            return None
+        if not all(isinstance(n, fx.Node) and n.op == "call_module" for n in parts):
+            return None
+        layers = [site.region.module.get_submodule(n.target) for n in parts]
+        if not all(type(m) in _CONVS for m in layers):
+            return None
+        return CatFoldMatch(site, [site.region.qualname(n.target) for n in parts], layers,
+                            list(parts), cat)
+
+    def check(self, ctx: Context, m: CatFoldMatch) -> str | None:
+        if value_users(m.cat_node) != [m.site.node]:
+            return "cat output has other users"
+        for layer, node, name in zip(m.layers, m.layer_nodes, m.layer_names):
+            what = f"{type(layer).__name__} {name}"
+            if value_users(node) != [m.cat_node]:
+                return f"{what}'s output has other users"
+            problem = (_standard_layer_problem(layer, _CONVS)
+                       or ctx.single_call_problem(layer, what))
+            if problem:
+                return problem
+        if m.site.module is not None:
+            problem = ctx.single_call_problem(m.site.module, "BatchNorm")
+            if problem and "parameters are shared" not in problem:
+                return problem
+        total = sum(layer.out_channels for layer in m.layers)
+        if total != m.site.num_features:
+            return f"BatchNorm has {m.site.num_features} features, the concatenation {total}"
+        for layer, (w, b) in zip(m.layers, self._folded(m)):
+            if layer.weight.dtype in (torch.float16, torch.bfloat16) and not (
+                    bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+                return f"folded weights would overflow {layer.weight.dtype}"
+        return None
+
+    def _folded(self, m: CatFoldMatch, layers: list[nn.Module] | None = None
+                ) -> list[tuple[Tensor, Tensor]]:
+        s, t = m.site.scale_shift()
+        out, start = [], 0
+        for layer in layers or m.layers:
+            end = start + layer.out_channels
+            out.append(Fn.fold_conv_bn(layer.weight, layer.bias, s[start:end], t[start:end],
+                                       like=layer.weight))
+            start = end
+        return out
+
+    def rewrite(self, ctx: Context, m: CatFoldMatch) -> SiteRecord:
+        layers = [ctx.target_module(n) for n in m.layer_names]
+        for layer, (w, b) in zip(layers, self._folded(m, layers)):
+            grad = layer.weight.requires_grad
+            layer.weight = nn.Parameter(w, requires_grad=grad)
+            layer.bias = nn.Parameter(b, requires_grad=grad)
+        _remove_bn(ctx, m.site)
+        return SiteRecord(m.site.name, m.site.kind, Action.FOLDED, target=m.layer_name,
+                          detail=f"producer, {self.name}", trace=m.site.region.mode)
+
+
+FOLD_RULES: tuple[Rule, ...] = (ConvBN(), ConvTransposeBN(), LinearBN(), CatConvBN(), BNConv(),
+                                BNLinear(), BNConvTranspose())
 
 
 def _remove_bn(ctx: Context, site: BNSite) -> None:
@@ -294,9 +378,10 @@ class FoldTransform(Transform):
         for d in decisions:
             if d.rule is None:
                 continue
-            for p in (d.match.layer.weight, d.match.layer.bias):
-                if p is not None:
-                    memo[id(p)] = p
+            for layer in getattr(d.match, "layers", None) or [d.match.layer]:
+                for p in (layer.weight, layer.bias):
+                    if p is not None:
+                        memo[id(p)] = p
             if d.site.module is not None:
                 memo[id(d.site.module)] = nn.Identity()
         return memo
