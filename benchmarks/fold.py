@@ -2,7 +2,8 @@
 
     python benchmarks/fold.py [--models resnet101 densenet121] [--reps 20]
 
-Prints, side by side from one run: conversion time (median of --convert-reps), BN removed,
+Prints, side by side from one run: conversion time (median of --convert-reps interleaved
+rounds), BN removed,
 and eager CPU latency (interleaved rounds, median) of the original, normsurgeon's fold,
 fuse's result, and the no-BN network (every BN replaced by Identity: the physical limit of
 folding, since a folded model does exactly that work).
@@ -38,15 +39,6 @@ def no_bn(model: nn.Module) -> nn.Module:
     return out
 
 
-def median_time(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["resnet101", "densenet121"])
@@ -61,8 +53,13 @@ def main() -> None:
     for name in args.models:
         model = zoo.randomize(zoo.build(name))
         x = zoo.example_input(model, batch=args.batch)
-        t_ns = median_time(lambda: ns.convert(model), args.convert_reps)  # noqa: B023
-        t_fuse = median_time(lambda: fuse(model), args.convert_reps)  # noqa: B023
+        conv_t: dict[str, list[float]] = {"ns": [], "fuse": []}
+        for _ in range(args.convert_reps):  # interleaved, like the latency rounds
+            for key, fn in (("ns", ns.convert), ("fuse", fuse)):
+                t = time.perf_counter()
+                fn(model)
+                conv_t[key].append(time.perf_counter() - t)
+        t_ns, t_fuse = statistics.median(conv_t["ns"]), statistics.median(conv_t["fuse"])
         ours, fused, limit = ns.convert(model), fuse(model), no_bn(model)
         bn = sum(map(is_batchnorm, model.modules()))
         left_ours = sum(map(is_batchnorm, ours.modules()))
