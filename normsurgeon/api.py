@@ -36,6 +36,12 @@ class ConversionResult:
     def __iter__(self):  # allows ``model, report = convert_with_report(...)``
         return iter((self.model, self.report))
 
+    def __getitem__(self, i: int) -> Any:  # ... and ``convert_with_report(...)[1]``
+        return (self.model, self.report)[i]
+
+    def __len__(self) -> int:
+        return 2
+
 
 def convert(
     model: nn.Module,

@@ -374,6 +374,14 @@ def test_untraceable_model_with_inputs_is_traced_concretely_and_keeps_control_fl
         assert_fold_exact(model, out, torch.randn(shape))
 
 
+def test_model_without_batchnorm_and_result_unpacking():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    result = ns.convert_with_report(model, example_inputs=[X])
+    out, report = result
+    assert result[1] is report and len(report) == 0 and report.max_rel_error == 0.0
+    assert out is not model and "0 BatchNorm site(s)" in report.table()
+
+
 def test_report_lists_every_bn_once_and_serializes():
     model = prep(nn.Sequential(Residual(), ConvBNReLU(3, 3), DataDependent()))
     out, report = ns.convert_with_report(model)
