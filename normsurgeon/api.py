@@ -230,9 +230,13 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
         if d.rule is None:
             continue
         if dry_run:
+            if hasattr(d.rule, "preview"):
+                target, detail = d.rule.preview(d.match)
+            else:
+                target = getattr(d.match, "layer_name", "")
+                detail = f"{getattr(d.rule, 'direction', '')}, {d.rule.name}".strip(", ")
             records[d.site.name] = SiteRecord(
-                d.site.name, d.site.kind, d.action, target=getattr(d.match, "layer_name", ""),
-                detail=f"{getattr(d.rule, 'direction', '')}, {d.rule.name}".strip(", "),
+                d.site.name, d.site.kind, d.action, target=target, detail=detail,
                 trace=d.site.region.mode if d.site.region is not None else "module")
             continue
         try:

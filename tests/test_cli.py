@@ -51,6 +51,9 @@ def test_inspect_table_and_json(model_file, capsys):
     assert code == 0 and "folded" in out and "0" in out and "dry run" in out
     code, out, _ = run(["inspect", model_file, "--to", "rbn", "--json"], capsys)
     assert code == 0 and json.loads(out)["counts"] == {"replaced": 2}
+    assert json.loads(out)["sites"][0]["target"] == "RepresentativeBatchNorm2d"
+    code, out, _ = run(["inspect", model_file, "--to", "cbn", "--cond-dim", "4"], capsys)
+    assert code == 0 and "ConditionalBatchNorm2d" in out
 
 
 @pytest.mark.parametrize("to, extra", [("fold", []), ("cbn", ["--cond-dim", "5"]),

@@ -37,8 +37,14 @@ class ReplaceBN(Rule):
 
     name = "replace"
 
-    def __init__(self, factory: Any, accepts: tuple[type[nn.Module], ...], what: str) -> None:
+    def __init__(self, factory: Any, accepts: tuple[type[nn.Module], ...], what: str,
+                 target_for: Any = None) -> None:
         self.factory, self.accepts, self.what = factory, accepts, what
+        self.target_for = target_for or (lambda bn: "")
+
+    def preview(self, site: BNSite) -> tuple[str, str]:
+        """(target, detail) for a dry run, without building the new layer."""
+        return self.target_for(site.module), self.name
 
     def match(self, ctx: Context, site: BNSite) -> BNSite | None:
         return site if type(site.module) in self.accepts else None
@@ -92,7 +98,8 @@ class RBNTransform(_ReplaceTransform):
             return layer
 
         self.rule = ReplaceBN(make, (nn.BatchNorm2d,),
-                              "RBN calibrates 2-D feature maps; only BatchNorm2d is replaced")
+                              "RBN calibrates 2-D feature maps; only BatchNorm2d is replaced",
+                              lambda bn: "RepresentativeBatchNorm2d")
         self.freeze_base = freeze_base
 
     def finalize(self, model: nn.Module, ctx: Context, report: ConversionReport) -> nn.Module:
@@ -142,7 +149,8 @@ class CBNTransform(_ReplaceTransform):
                 freeze_base=self.freeze_base, freeze_stats=freeze_stats)
 
         names = "/".join(t.__name__ for t in types)
-        self.rule = ReplaceBN(make, types, f"only {names} is replaced (see types=)")
+        self.rule = ReplaceBN(make, types, f"only {names} is replaced (see types=)",
+                              lambda bn: _CBN_FOR[type(bn)].__name__)
         self.freeze_stats = freeze_stats
 
     def check_site(self, site: BNSite) -> str | None:
