@@ -93,6 +93,9 @@ def check(name: str, size: tuple[int, int] | None = None) -> dict[str, Any]:
         rec["status"] = "does not build/run"
         rec["error"] = f"{type(e).__name__}: {e}"[:200]
         return rec
+    if not torch.isfinite(_first(ref)).all():  # e.g. 1000-layer CIFAR ResNets, random weights
+        rec["status"] = "original output not finite"
+        return rec
     rec["bn"] = sum(is_batchnorm(m) for m in model.modules())
     t = time.perf_counter()
     out, report = ns.convert_with_report(model, example_inputs=(x,))

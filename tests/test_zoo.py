@@ -54,8 +54,8 @@ def test_zoo_slice(name):
                          else [])
 def test_zoo_full_sweep(name):
     rec = zoo.check(name)
-    if rec["status"] == "does not build/run":
-        pytest.skip(rec["error"])
+    if rec["status"] in ("does not build/run", "original output not finite"):
+        pytest.skip(rec.get("error", rec["status"]))
     if not zoo.within_bar(rec):  # fp32 noise of an ill-conditioned net: demand fp64 exactness
         assert zoo.exact_in_fp64(rec), rec
         rec = {**rec, "rel": 0.0}
