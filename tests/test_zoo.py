@@ -49,10 +49,23 @@ def test_zoo_slice(name):
         assert rec["bn_left"] == 0, rec
 
 
+# measured (README, "The pytorchcv zoo"): outputs no fold can match more closely
+ILL_CONDITIONED = {
+    "diaresnet1001_cifar10": "chaotic: unmodified fp32 is 48% off its fp64 twin; fp64 "
+                             "rounding alone moves it 3e-4",
+    "diaresnet1001_svhn": "chaotic: unmodified fp32 is 48% off its fp64 twin; fp64 rounding "
+                          "alone moves it 3e-4",
+    "enet_cityscapes": "discontinuous at 1024x2048: a 1e-7 input change moves it 1.7e-3 "
+                       "(MaxUnpool argmax flips); at 256x512 it is in the CI slice",
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(zoo.zoo_models()) if os.environ.get("NS_FULL_ZOO")
                          else [])
 def test_zoo_full_sweep(name):
+    if name in ILL_CONDITIONED:
+        pytest.skip(ILL_CONDITIONED[name])
     rec = zoo.check(name)
     if rec["status"] in ("does not build/run", "original output not finite"):
         pytest.skip(rec.get("error", rec["status"]))
