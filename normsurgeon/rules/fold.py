@@ -131,12 +131,8 @@ class _FoldRule(Rule):
             m.layer = layer
         w, b = m.result if fresh else self.folded(m)
         m.result = m.result_of = None
-        grad = layer.weight.requires_grad
-        layer.weight = nn.Parameter(w, requires_grad=grad)
-        layer.bias = nn.Parameter(b, requires_grad=grad)
-        _remove_bn(ctx, m.site)
-        return SiteRecord(m.site.name, m.site.kind, Action.FOLDED, target=m.layer_name,
-                          detail=f"{self.direction}, {self.name}", trace=m.site.region.mode)
+        return _commit_fold(ctx, m.site, [(layer, w, b)], m.layer_name,
+                            f"{self.direction}, {self.name}")
 
 
 def _two_dim_problem(site: BNSite, node: fx.Node | None, what: str) -> str | None:
@@ -332,17 +328,24 @@ class CatConvBN(Rule):
 
     def rewrite(self, ctx: Context, m: CatFoldMatch) -> SiteRecord:
         layers = [ctx.target_module(n) for n in m.layer_names]
-        for layer, (w, b) in zip(layers, self._folded(m, layers)):
-            grad = layer.weight.requires_grad
-            layer.weight = nn.Parameter(w, requires_grad=grad)
-            layer.bias = nn.Parameter(b, requires_grad=grad)
-        _remove_bn(ctx, m.site)
-        return SiteRecord(m.site.name, m.site.kind, Action.FOLDED, target=m.layer_name,
-                          detail=f"producer, {self.name}", trace=m.site.region.mode)
+        parts = [(layer, w, b) for layer, (w, b) in zip(layers, self._folded(m, layers))]
+        return _commit_fold(ctx, m.site, parts, m.layer_name, f"producer, {self.name}")
 
 
 FOLD_RULES: tuple[Rule, ...] = (ConvBN(), ConvTransposeBN(), LinearBN(), CatConvBN(), BNConv(),
                                 BNLinear(), BNConvTranspose())
+
+
+def _commit_fold(ctx: Context, site: BNSite, parts: list[tuple[nn.Module, Tensor, Tensor]],
+                 target: str, detail: str) -> SiteRecord:
+    """Give each layer its folded (W', b') as new Parameters, take the BN out, record it."""
+    for layer, w, b in parts:
+        grad = layer.weight.requires_grad
+        layer.weight = nn.Parameter(w, requires_grad=grad)
+        layer.bias = nn.Parameter(b, requires_grad=grad)
+    _remove_bn(ctx, site)
+    return SiteRecord(site.name, site.kind, Action.FOLDED, target=target, detail=detail,
+                      trace=site.region.mode)
 
 
 def _remove_bn(ctx: Context, site: BNSite) -> None:
