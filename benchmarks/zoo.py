@@ -60,20 +60,10 @@ def example_input(model: nn.Module, batch: int = 1,
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics as in SPEC §6 so that folding is really exercised."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+    """Random BN statistics as in SPEC §6 so that folding is really exercised; eval mode."""
+    from normsurgeon.testing import randomize_bn_stats
 
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.running_mean is not None:
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-    return model.eval()
+    return randomize_bn_stats(model, seed).eval()
 
 
 def check(name: str, size: tuple[int, int] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import time
 import torch
 
 import normsurgeon as ns
+from normsurgeon.testing import randomize_bn_stats
 
 
 def build(name: str) -> torch.nn.Module:
@@ -25,15 +26,7 @@ def build(name: str) -> torch.nn.Module:
     if name not in modules:
         raise SystemExit(f"choose one of {', '.join(modules)}")
     model = getattr(importlib.import_module(f"pytorchcv.models.{modules[name]}"), name)()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    randomize_bn_stats(model, seed=0)  # trained-looking statistics (no downloads here)
     return model.eval()
 
 

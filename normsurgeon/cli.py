@@ -49,7 +49,8 @@ def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
             if not os.path.isfile(where):
                 raise UsageError(f"model file {where!r} does not exist")
             spec_ = importlib.util.spec_from_file_location("_normsurgeon_user_model", where)
-            assert spec_ is not None and spec_.loader is not None
+            if spec_ is None or spec_.loader is None:
+                raise UsageError(f"{where!r} is not a Python file that can be imported")
             module = importlib.util.module_from_spec(spec_)
             spec_.loader.exec_module(module)
         else:
@@ -148,15 +149,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          "pytorchcv") from None
     torch.manual_seed(args.seed)
     model = resnet18().eval()
-    g = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():  # trained-looking BN statistics, so the fold is really exercised
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    from .testing import randomize_bn_stats
+
+    randomize_bn_stats(model, args.seed)  # trained-looking BN statistics: folds really work
     x = torch.randn(2, 3, 224, 224)
     print("normsurgeon demo: folding BatchNorm in pytorchcv resnet18 (random weights, "
           "randomized BN statistics)\n")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from normsurgeon.functional import rel_error
+from normsurgeon.testing import randomize_bn_stats
 
 FOLD_BAR = 1e-5          # fold / convert fp32 vs original
 CONVERT_BAR = 1e-6       # CBN / RBN right after conversion
@@ -16,20 +16,8 @@ HALF_BAR = 1e-2          # fp16 / bf16 folding
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """SPEC §6: running_mean ~ U(-1,1), running_var ~ U(0.5,2), γ ~ U(0.5,1.5), β ~ U(-0.5,0.5)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) or (hasattr(m, "running_mean") and hasattr(m, "eps")):
-                if getattr(m, "running_mean", None) is not None:
-                    n = m.running_mean.numel()
-                    m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-                    m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                if getattr(m, "weight", None) is not None and m.weight.dim() == 1:
-                    n = m.weight.numel()
-                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-    return model
+    """SPEC §6 statistics (see :func:`normsurgeon.testing.randomize_bn_stats`)."""
+    return randomize_bn_stats(model, seed)
 
 
 def fp64_rel(model: nn.Module, *inputs: torch.Tensor) -> float:

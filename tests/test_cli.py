@@ -81,6 +81,7 @@ def test_mismatch_exits_1(model_file, tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["inspect", "no_such_module:build"], "cannot import"),
     (["inspect", "noseparator"], "package.module:callable"),
+    (["inspect", "{file}.txt:build"], "does not exist"),
     (["inspect", "{model}", "--input-shape", "1,a"], "malformed --input-shape"),
     (["inspect", "{file}:not_a_model"], "not a torch.nn.Module"),
     (["inspect", "{model}", "--weights", "/nonexistent.pt"], "cannot read weights"),

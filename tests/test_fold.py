@@ -424,3 +424,17 @@ def test_cat_of_convs_then_bn_folds_each_slice():
     out, report = ns.convert_with_report(leaky, example_inputs=x)
     assert report["bn"].action == "skipped" and "other users" in report["bn"].reason
     assert_fold_exact(leaky, out, x)
+
+
+def test_randomize_bn_stats_follows_the_spec_ranges():
+    from normsurgeon.testing import randomize_bn_stats
+
+    model = nn.Sequential(nn.BatchNorm2d(64), FrozenBatchNorm2d(64), nn.InstanceNorm2d(64)).train()
+    randomize_bn_stats(model, seed=3)
+    assert model.training
+    for bn in model[:2]:
+        assert -1 <= float(bn.running_mean.min()) and float(bn.running_mean.max()) <= 1
+        assert 0.5 <= float(bn.running_var.min()) and float(bn.running_var.max()) <= 2
+        assert 0.5 <= float(bn.weight.min()) and float(bn.weight.max()) <= 1.5
+        assert -0.5 <= float(bn.bias.min()) and float(bn.bias.max()) <= 0.5
+        assert float(bn.running_var.std()) > 0.1  # not identity statistics
