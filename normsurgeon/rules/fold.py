@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from .. import functional as Fn
 from ..report import Action, SiteRecord
-from ..tracing import set_submodule, value_users
+from ..tracing import value_users
 from .base import BNSite, Context, Decision, Rule, Transform
 
 __all__ = ["FoldTransform", "FOLD_RULES"]
@@ -32,8 +32,8 @@ class FoldMatch:
     layer_name: str
     layer: nn.Module
     layer_node: fx.Node
-    # float64 (W', b') computed in check, valid while the layer still holds the weight it
-    # was computed from (a layer folded on both sides gets its second fold recomputed)
+    # (W', b') when check had to compute it (the fp16/bf16 overflow test), valid while the
+    # layer still holds the weight it was computed from (else rewrite computes it)
     result: tuple[Tensor, Tensor] | None = None
     result_of: Tensor | None = None
 
@@ -72,7 +72,7 @@ class _FoldRule(Rule):
                 node = None
         if node is None or node.op != "call_module":
             return None
-        layer = site.region.module.get_submodule(node.target)
+        layer = site.region.submodule(node.target)
         if not isinstance(layer, self.layers):
             return None
         return FoldMatch(site, site.region.qualname(node.target), layer, node)
@@ -103,14 +103,16 @@ class _FoldRule(Rule):
         problem = self.specific(ctx, m)
         if problem:
             return problem
-        m.result = w, b = self.folded(m)
         m.result_of = layer.weight
         # overflow is a real risk in fp16/bf16 (max 65504 / 3.4e38 with 8 mantissa bits); in
         # fp32/fp64 a finite weight times a scale below 1e30 cannot reach inf, so skip the scan
         s, _ = m.site.scale_shift()
         risky = layer.weight.dtype in (torch.float16, torch.bfloat16) or (
             float(s.abs().max()) >= 1e30)
-        if risky and not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+        if not risky:  # (W', b') is computed by rewrite: a dry run never pays for it
+            return None
+        m.result = w, b = self.folded(m)
+        if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
             return f"folded weights would overflow {layer.weight.dtype}"
         return None
 
@@ -285,7 +287,7 @@ class CatConvBN(Rule):
             return None
         if not all(isinstance(n, fx.Node) and n.op == "call_module" for n in parts):
             return None
-        layers = [site.region.module.get_submodule(n.target) for n in parts]
+        layers = [site.region.submodule(n.target) for n in parts]
         if not all(type(m) in _CONVS for m in layers):
             return None
         return CatFoldMatch(site, [site.region.qualname(n.target) for n in parts], layers,
@@ -309,10 +311,10 @@ class CatConvBN(Rule):
         total = sum(layer.out_channels for layer in m.layers)
         if total != m.site.num_features:
             return f"BatchNorm has {m.site.num_features} features, the concatenation {total}"
-        for layer, (w, b) in zip(m.layers, self._folded(m)):
-            if layer.weight.dtype in (torch.float16, torch.bfloat16) and not (
-                    bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
-                return f"folded weights would overflow {layer.weight.dtype}"
+        if any(layer.weight.dtype in (torch.float16, torch.bfloat16) for layer in m.layers):
+            for layer, (w, b) in zip(m.layers, self._folded(m)):
+                if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+                    return f"folded weights would overflow {layer.weight.dtype}"
         return None
 
     def _folded(self, m: CatFoldMatch, layers: list[nn.Module] | None = None
@@ -353,8 +355,8 @@ def _remove_bn(ctx: Context, site: BNSite) -> None:
     module for ``nn.Identity`` so the user's own forward keeps running unchanged."""
     if site.module is None:
         ctx.rebuild.add(site.region.name)
-    else:
-        set_submodule(ctx.target_module(""), site.name, nn.Identity())
+    elif not isinstance(ctx.target_module(site.name), nn.Identity):  # the copy may hold one
+        ctx.replace_module(site.name, nn.Identity())
     ctx.options.setdefault("_removed_nodes", []).append(site)
 
 

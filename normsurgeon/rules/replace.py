@@ -26,7 +26,6 @@ from ..layers.cbn import (
 )
 from ..layers.rbn import RepresentativeBatchNorm2d
 from ..report import Action, ConversionReport, SiteRecord
-from ..tracing import set_submodule
 from .base import BNSite, Context, Decision, Rule, Transform
 
 __all__ = ["CBNTransform", "RBNTransform", "ConditionedForward"]
@@ -56,7 +55,7 @@ class ReplaceBN(Rule):
         assert site.module is not None
         new = self.factory(site.module)
         for qual in ctx.names.get(id(site.module), [site.name]):
-            set_submodule(ctx.target_module(""), qual, new)
+            ctx.replace_module(qual, new)
         return SiteRecord(site.name, site.kind, Action.REPLACED, target=type(new).__name__,
                           trace="module")
 
