@@ -43,23 +43,28 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["resnet101", "densenet121"])
     p.add_argument("--reps", type=int, default=20, help="latency rounds")
-    p.add_argument("--convert-reps", type=int, default=5)
+    p.add_argument("--convert-reps", type=int, default=15)
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           "eager CPU, fp32\n")
-    rows = []
+    rows, conv_rows = [], []
     for name in args.models:
         model = zoo.randomize(zoo.build(name))
         x = zoo.example_input(model, batch=args.batch)
         conv_t: dict[str, list[float]] = {"ns": [], "fuse": []}
+        ns.convert(model), fuse(model)  # warm-up (first calls pay imports and allocator growth)
         for _ in range(args.convert_reps):  # interleaved, like the latency rounds
             for key, fn in (("ns", ns.convert), ("fuse", fuse)):
                 t = time.perf_counter()
                 fn(model)
                 conv_t[key].append(time.perf_counter() - t)
         t_ns, t_fuse = statistics.median(conv_t["ns"]), statistics.median(conv_t["fuse"])
+        # robust to drift on a shared machine: the ratio within each interleaved round
+        paired = statistics.median(a / b for a, b in zip(conv_t["ns"], conv_t["fuse"]))
+        fastest = min(conv_t["ns"]) / min(conv_t["fuse"])
+        conv_rows.append((name, paired, fastest))
         ours, fused, limit = ns.convert(model), fuse(model), no_bn(model)
         bn = sum(map(is_batchnorm, model.modules()))
         left_ours = sum(map(is_batchnorm, ours.modules()))
@@ -84,6 +89,10 @@ def main() -> None:
         print(f"{name:<12} {t_ns:>9.3f}s {t_fuse:>6.3f}s {t_ns / t_fuse:>8.2f} {bn:>4} "
               f"{rm_ns:>6} {rm_fuse:>7} | {o:>8.2f} {n:>7.2f} {f:>8.2f} {lim:>8.2f} "
               f"{n / o:>8.3f} {n / f:>8.3f} {n / lim:>8.3f}")
+    print(f"\nconversion time ns/fuse over {args.convert_reps} interleaved rounds: ratio of "
+          "medians (table), median of per-round ratios, ratio of fastest runs")
+    for name, paired, fastest in conv_rows:
+        print(f"  {name:<12} per-round median {paired:.2f}   fastest/fastest {fastest:.2f}")
 
 
 if __name__ == "__main__":

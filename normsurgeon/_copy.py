@@ -91,6 +91,8 @@ def _copy_value(v: Any, memo: dict[int, Any]) -> Any:
         return hit
     if tv in _ATOMIC_TYPES or isinstance(v, _ATOMIC):
         return v
+    if tv is tuple and all(type(x) in _ATOMIC_TYPES for x in v):
+        return v  # what copy.deepcopy returns for a tuple of atomics (kernel_size, ...)
     hit = memo.get(id(v))
     if hit is not None:
         return hit

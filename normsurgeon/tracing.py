@@ -53,14 +53,30 @@ def is_normsurgeon_layer(m: nn.Module) -> bool:
     return bool(getattr(type(m), "_normsurgeon_layer", False))
 
 
+_class_attrs: dict[tuple[type, str], bool] = {}
+
+
+def _class_has(cls: type, name: str) -> bool:
+    key = (cls, name)
+    hit = _class_attrs.get(key)
+    if hit is None:
+        hit = _class_attrs[key] = hasattr(cls, name)
+    return hit
+
+
 def is_batchnorm(m: nn.Module) -> bool:
     """BatchNorm{1,2,3}d, SyncBatchNorm, or a frozen-BN look-alike (SPEC: a module with
     ``running_mean``, ``running_var``, ``weight``, ``bias`` and ``eps`` that always normalizes with
     its running statistics, such as torchvision's ``FrozenBatchNorm2d``)."""
+    if isinstance(m, _BatchNorm):
+        return not is_normsurgeon_layer(m)
+    # cheap negative first: no running_mean buffer, attribute or class attribute (hasattr on a
+    # Module raises inside __getattr__; this runs for every module of every traced model)
+    if ("running_mean" not in m._buffers and "running_mean" not in m.__dict__
+            and not _class_has(type(m), "running_mean")):
+        return False
     if is_normsurgeon_layer(m) or isinstance(m, _InstanceNorm):
         return False
-    if isinstance(m, _BatchNorm):
-        return True
     return all(hasattr(m, a) for a in _LOOKALIKE_ATTRS) and isinstance(
         getattr(m, "running_mean", None), torch.Tensor
     ) and not any(True for _ in m.children())

@@ -57,9 +57,10 @@ class BNSite:
         """Why this BN's eval map is not a fixed affine map, or ``None`` when it is."""
         if not self.uses_batch_stats and self.running_mean is not None and (
                 self.running_var is not None):
-            s, t = self.scale_shift()  # finite s and t <=> finite stats, γ, β and var+ε > 0
-            if bool(torch.isfinite(torch.cat((s, t))).all()) and bool(
-                    ((self.running_var.double() + self.eps) > 0).all()):
+            # finite s = γ/sqrt(var+ε) and t = β − μ·s (float64) <=> finite μ, γ, β and
+            # var + ε > 0 (rsqrt of a non-positive number is inf or nan): one test for all
+            s, t = self.scale_shift()
+            if bool(torch.isfinite(torch.cat((s, t))).all()):
                 return None
         if self.uses_batch_stats:
             if self.module is not None and self.module.training:
