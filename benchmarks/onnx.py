@@ -1,6 +1,6 @@
 """ONNX benchmark: export time and onnxruntime CPU latency of CBN / RBN models vs the plain one.
 
-    python benchmarks/onnx.py [--model resnet50] [--reps 30] [--batch 1]
+    python benchmarks/onnx.py [--model resnet50] [--reps 30] [--batch 1] [--profile]
 
 One run, side by side: export time of normsurgeon.export_onnx vs plain torch.onnx.export of
 the original model; onnxruntime CPU latency (graph optimisations on, interleaved rounds,
@@ -37,6 +37,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+    p.add_argument("--no-spin", action="store_true",
+                   help="session.intra_op.allow_spinning=0 (threads sleep between ops)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print onnxruntime's kernel time per op type (where the time goes)")
     args = p.parse_args()
     import onnxruntime as ort
 
@@ -62,6 +66,8 @@ def main() -> None:
         t_ns[name] = res.seconds
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if args.no_spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if args.threads:
         so.intra_op_num_threads = args.threads
     sessions = {k: ort.InferenceSession(pth, so, providers=["CPUExecutionProvider"])
@@ -69,21 +75,64 @@ def main() -> None:
     feeds = {k: {i.name: a.numpy() for i, a in zip(sessions[k].get_inputs(), inp)}
              for k, (_, inp) in files.items()}
     lat: dict[str, list[float]] = {k: [] for k in sessions}
-    for k, s in sessions.items():
-        s.run(None, feeds[k])
-    for _ in range(args.reps):
+    # interleaved rounds of back-to-back runs: a session timed right after another one shares
+    # the cores with that session's still-spinning intra-op threads (onnxruntime's default),
+    # which once tripled ResNet-18's latency here; the first run of each block is not timed
+    rounds = 5
+    for _ in range(rounds):
         for k, s in sessions.items():
-            t = time.perf_counter()
             s.run(None, feeds[k])
-            lat[k].append(time.perf_counter() - t)
+            for _ in range(max(1, args.reps // rounds)):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                lat[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) * 1e3 for k, v in lat.items()}
     print(f"{args.model}, batch {args.batch}, onnxruntime {ort.__version__} CPU, "
-          f"optimizations on, median of {args.reps}\n")
+          f"optimizations on, median of {args.reps} runs in {rounds} interleaved rounds\n")
     print(f"export: torch.onnx.export (plain model) {t_torch:.2f}s; normsurgeon.export_onnx: "
           + ", ".join(f"{k} {v:.2f}s ({v / t_torch:.2f}x)" for k, v in t_ns.items()) + "\n")
     print(f"{'graph':<12} {'latency':>10} {'x plain':>8}")
     for k, v in med.items():
         print(f"{k:<12} {v:>8.2f}ms {v / med['plain']:>8.3f}")
+    if args.profile:
+        profile(files, args.threads, args.reps)
+
+
+def profile(files: dict, threads: int, reps: int) -> None:
+    """Kernel time per op type (onnxruntime's profiler) for the plain, CBN and RBN graphs, and
+    what each adds over the plain one: where the extra latency goes."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    per: dict[str, collections.Counter] = {}
+    for name in ("plain", "CBN", "RBN"):
+        path, inputs = files[name]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(os.path.dirname(path), f"prof_{name}")
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), inputs)}
+        for _ in range(reps):
+            sess.run(None, feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+        c: collections.Counter = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                c[e["args"]["op_name"]] += e["dur"] / reps / 1e3  # ms per run
+        per[name] = c
+    base = sum(per["plain"].values())
+    print(f"\nkernel time per run by op type (ms), plain total {base:.2f}:")
+    for name in ("CBN", "RBN"):
+        extra = per[name] - per["plain"]
+        total = sum(per[name].values())
+        print(f"  {name}: total {total:.2f} ({total / base:.3f}x); added: "
+              + ", ".join(f"{op} {t:.2f}" for op, t in extra.most_common(10)))
 
 
 if __name__ == "__main__":

@@ -126,3 +126,37 @@ def test_zoo_slice_exports(tmp_path):
     mix = ns.convert(randomize_bn(mixnet_s()).eval(), "fold", example_inputs=x)
     res = ns.export_onnx(mix, (x,), tmp_path / "mix.onnx", verify=True)
     assert res.verification
+
+
+class _MixedRanks(torch.nn.Module):
+    """A 2-D BN and a 1-D BN on (N, C, L): CBN nodes of two input ranks in one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.conv1 = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn2(self.conv(x)))
+        return self.bn1(self.conv1(y.flatten(2)))
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_cbn_body_is_specialised_to_the_models_rank(tmp_path, mixed):
+    """One input rank: the attached body broadcasts with a constant shape (no Shape op at run
+    time); several ranks: the generic body. Both are exact on onnxruntime."""
+    model = randomize_bn(_MixedRanks() if mixed else small_cnn()).eval()
+    types = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) if mixed else (torch.nn.BatchNorm2d,)
+    cbn, report = ns.convert_with_report(model, "cbn", cond_dim=6, types=types)
+    assert report.num_changed == 2
+    res = ns.export_onnx(cbn, (X, torch.randn(2, 6)), tmp_path / "m.onnx", verify=True)
+    assert res.verification.max_rel() <= 1e-5
+    (body,) = res.model.functions
+    body_ops = [n.op_type for n in body.node]
+    assert ("Shape" in body_ops) == mixed
+    ranks = {len(v.type.tensor_type.shape.dim) for v in onnx.shape_inference.infer_shapes(
+        res.model).graph.value_info if v.name in {n.input[0] for n in res.model.graph.node
+                                                  if n.domain == "normsurgeon"}}
+    assert ranks <= ({3, 4} if mixed else {4})

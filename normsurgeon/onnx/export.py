@@ -110,21 +110,28 @@ def export_onnx(
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
     try:
-        proto = _export_dynamo(model, export_args, dynamic_shapes, opset)
-    except Exception as e:  # torch.export cannot capture it: trace it instead
-        reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:160]
-        log.info("torch.export failed (%s); falling back to the TorchScript exporter", reason)
-        exporter = f"torchscript (torch.export failed: {reason})"
-        try:
-            proto = _export_torchscript(model, export_args, dynamic_batch, opset)
-        except Exception as e2:
-            raise ExportError(f"both exporters failed. torch.export: {reason}; TorchScript: "
-                              f"{type(e2).__name__}: {str(e2).strip()[:300]}") from e2
+        with ops.export_mode("custom") as cbn_ranks:  # the layers call the custom ops
+            try:
+                proto = _export_dynamo(model, export_args, dynamic_shapes, opset)
+            except Exception as e:  # torch.export cannot capture it: trace it instead
+                reason = f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:160]
+                log.info("torch.export failed (%s); falling back to the TorchScript exporter",
+                         reason)
+                exporter = f"torchscript (torch.export failed: {reason})"
+                cbn_ranks.clear()
+                try:
+                    proto = _export_torchscript(model, export_args, dynamic_batch, opset)
+                except Exception as e2:
+                    raise ExportError(
+                        f"both exporters failed. torch.export: {reason}; TorchScript: "
+                        f"{type(e2).__name__}: {str(e2).strip()[:300]}") from e2
     finally:
         torch_log.setLevel(level)
     model_opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     used = sorted({n.op_type for n in proto.graph.node if n.domain == ops.DOMAIN})
-    bodies = ops.function_protos(model_opset)
+    # one rank for every CBN node (the usual case): a body with constant broadcast shapes
+    bodies = ops.function_protos(model_opset,
+                                 cbn_rank=next(iter(cbn_ranks)) if len(cbn_ranks) == 1 else None)
     del proto.functions[:]
     proto.functions.extend(bodies[op] for op in used)
     if used and not any(o.domain == ops.DOMAIN for o in proto.opset_import):
@@ -157,7 +164,7 @@ def _export_dynamo(model: nn.Module, args: tuple[Any, ...], dynamic_shapes: Any,
     import warnings
 
     table = ops.translation_table()
-    with eval_mode(model), ops.export_mode("custom"), torch.no_grad(), \
+    with eval_mode(model), torch.no_grad(), \
             contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, args, dynamo=True, custom_translation_table=table,
@@ -203,8 +210,7 @@ def _export_torchscript(model: nn.Module, args: tuple[Any, ...], dynamic_batch: 
                                                     if isinstance(a, torch.Tensor)])
             if a.dim() > 0} if dynamic_batch else None
     buf = io.BytesIO()
-    with eval_mode(model), ops.export_mode("custom"), torch.no_grad(), \
-            warnings.catch_warnings():
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, args, buf, dynamo=False, opset_version=opset,
                           input_names=names, dynamic_axes=axes,

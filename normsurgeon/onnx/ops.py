@@ -29,20 +29,31 @@ RBN_OP = "RepresentativeBatchNormalization"
 BODY_OPSET = 18
 
 __all__ = ["DOMAIN", "VERSION", "CBN_OP", "RBN_OP", "export_mode", "current_export_mode",
+           "record_cbn_rank",
            "register_schemas", "translation_table", "function_protos", "cbn_reference",
            "rbn_reference"]
 
 _MODE: list[str] = []  # stack: "custom" while exporting with custom ops
+_RANKS: list[set[int]] = []  # per active export: ranks of the X inputs the CBN op was called on
 
 
 @contextlib.contextmanager
-def export_mode(mode: str) -> Iterator[None]:
-    """While active, CBN/RBN layers call the ``normsurgeon::`` torch custom ops."""
+def export_mode(mode: str) -> Iterator[set[int]]:
+    """While active, CBN/RBN layers call the ``normsurgeon::`` torch custom ops. Yields the set
+    of input ranks the CBN op was called with (filled as the model is traced)."""
     _MODE.append(mode)
+    _RANKS.append(set())
     try:
-        yield
+        yield _RANKS[-1]
     finally:
         _MODE.pop()
+        _RANKS.pop()
+
+
+def record_cbn_rank(rank: int) -> None:
+    """Note that the CBN op was called on a rank-``rank`` input in the current export."""
+    if _RANKS:
+        _RANKS[-1].add(rank)
 
 
 def current_export_mode() -> str | None:
@@ -150,13 +161,19 @@ def translation_table() -> dict:
     return {torch.ops.normsurgeon.cbn.default: cbn, torch.ops.normsurgeon.rbn.default: rbn}
 
 
-def function_protos(opset: int) -> dict[str, object]:
+def function_protos(opset: int, cbn_rank: int | None = None) -> dict[str, object]:
     """The FunctionProtos of both ops, written with ``""`` opset ``opset`` (≥ 18).
+
+    ``cbn_rank``: when every CBN node of the model has an input of this rank, the CBN body
+    broadcasts (N, C) scale and bias with a constant shape instead of one computed from
+    ``Shape(X)`` (four nodes fewer per site at run time; the op's meaning is unchanged).
 
     Written for onnxruntime's optimiser: constants are derived from the inputs with ops it can
     constant-fold (``0 = mean − mean``, ``1 = exp(0)``: no CastLike), so the standardising
-    ``BatchNormalization`` folds into the producing Conv; the per-sample affine is a single
-    ``BatchNormalization`` over (1, N·C, …) with mean 0, var 1, ε 0 (exactly ``x·α + β'``).
+    ``BatchNormalization`` folds into the producing Conv; what runs per sample is one broadcast
+    Mul and one Add over the activation (plus, for RBN, one ReduceMean and ~10 ops on (N, C)).
+    onnxruntime's NCHWc layout has no broadcast Mul, so at ORT_ENABLE_ALL each site also
+    reorders the Conv output to NCHW and back (measured in ``benchmarks/onnx.py --profile``).
     """
     from onnx import AttributeProto, TensorProto, helper
 
@@ -173,31 +190,38 @@ def function_protos(opset: int) -> dict[str, object]:
         bn.attribute.append(helper.make_attribute_ref("epsilon", AttributeProto.FLOAT))
         return [bn]
 
-    def per_sample_affine(x: str, a: str, b: str, out: str) -> list:
-        """out = x·a + b for (N, C, …) x and (N, C[, 1…]) a, b: broadcast Mul and Add, which
-        onnxruntime keeps in its blocked NCHWc layout (no reorders around the node)."""
+    def per_sample_affine(x: str, a: str, b: str, out: str, reshape: bool = True,
+                          rank: int | None = None) -> list:
+        """out = x·a + b for (N, C, …) x and (N, C) a, b: a and b are reshaped to
+        (N, C, 1, …) with target ``[0, 0, 1, …]`` (0 copies N and C), built from
+        ``Shape(x, start=2)`` alone, so onnxruntime folds it to a constant when the spatial
+        dims are static (the batch may stay dynamic): two Reshapes, a Mul and an Add."""
+        affine = [node("Mul", [x, "ps_a" if reshape else a], ["ps_xa"]),
+                  node("Add", ["ps_xa", "ps_b" if reshape else b], [out])]
+        if not reshape:  # a and b are (N, C, 1, …) already
+            return affine
+        if rank is not None:  # the model's rank is known: a constant target
+            return [const_i64("ps_target", [0, 0] + [1] * (rank - 2)),
+                    node("Reshape", [a, "ps_target"], ["ps_a"]),
+                    node("Reshape", [b, "ps_target"], ["ps_b"])] + affine
         return [
-            node("Shape", [x], ["ps_xs"]),
-            node("Size", ["ps_xs"], ["ps_rank"]),
-            node("Sub", ["ps_rank", "ps_two"], ["ps_k"]),
-            node("ConstantOfShape", ["ps_k"], ["ps_ones_k"],
-                 value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
-            node("Concat", ["ps_head", "ps_ones_k"], ["ps_target"], axis=0),
+            node("Shape", [x], ["ps_hw"], start=2),
+            node("Equal", ["ps_hw", "ps_hw"], ["ps_true"]),
+            node("Cast", ["ps_true"], ["ps_ones"], to=TensorProto.INT64),
+            node("Concat", ["ps_head", "ps_ones"], ["ps_target"], axis=0),
             node("Reshape", [a, "ps_target"], ["ps_a"]),
             node("Reshape", [b, "ps_target"], ["ps_b"]),
-            node("Mul", [x, "ps_a"], ["ps_xa"]),
-            node("Add", ["ps_xa", "ps_b"], [out]),
-        ]
+        ] + affine
 
     common = [
         node("Sub", ["mean", "mean"], ["zero_c"]),
         node("Exp", ["zero_c"], ["one_c"]),
-        const_i64("ps_two", [2]),
-        const_i64("ps_head", [0, 0]),
     ]
 
     # CBN: Y = BN(X)·scale + bias, per sample ------------------------------------------------
-    cbn_nodes = common + unit_bn("X", "Xb") + per_sample_affine("Xb", "scale", "bias", "Y")
+    cbn_nodes = (common + ([const_i64("ps_head", [0, 0])] if cbn_rank is None else [])
+                 + unit_bn("X", "Xb") + per_sample_affine("Xb", "scale", "bias", "Y",
+                                                          rank=cbn_rank))
     opsets = [helper.make_opsetid("", opset)]
     eps_default = [helper.make_attribute("epsilon", 1e-5)]
     cbn = helper.make_function(DOMAIN, CBN_OP, ["X", "scale", "bias", "mean", "var"], ["Y"],
@@ -226,7 +250,7 @@ def function_protos(opset: int) -> dict[str, object]:
         node("Mul", ["g4", "r"], ["A"]),                  # γ·r, (N, C, 1, 1)
         node("Mul", ["A", "wcd"], ["Aw"]),
         node("Add", ["Aw", "b4"], ["Bsh"]),
-    ] + per_sample_affine("Xb", "A", "Bsh", "Y")
+    ] + per_sample_affine("Xb", "A", "Bsh", "Y", reshape=False)
     rbn = helper.make_function(DOMAIN, RBN_OP, ["X", "centering_weight", "scaling_weight",
                                                 "scaling_bias", "gamma", "beta", "mean", "var"],
                                ["Y"], rbn_nodes, opsets, attributes=[],
