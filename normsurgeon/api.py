@@ -20,7 +20,7 @@ from .errors import ModelInTrainingModeError, NormSurgeonError, StrictModeError
 from .functional import rel_error
 from .report import Action, ConversionReport, SiteRecord
 from .rules import get_transform
-from .rules.base import Context, Decision
+from .rules.base import Context, Decision, prime_scale_shift
 from .tracing import eval_mode, is_batchnorm, record_inputs, set_submodule, trace_regions
 
 __all__ = ["convert", "convert_with_report", "inspect", "ConversionResult"]
@@ -225,7 +225,10 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
     decisions: list[Decision] = []
     records: dict[str, SiteRecord] = {}
     reached: set[int] = set()
-    for site in (ctx.module_sites() if transform.module_level else ctx.sites()):
+    all_sites = list(ctx.module_sites() if transform.module_level else ctx.sites())
+    if transform.needs_eval:
+        prime_scale_shift(all_sites)  # (s, t) of every BN in one batched float64 pass
+    for site in all_sites:
         trace_mode = site.region.mode if site.region is not None else "module"
         if site.module is not None:
             reached.add(id(site.module))
@@ -294,9 +297,10 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
 
 def _check_no_sharing(model: nn.Module, work: nn.Module) -> None:
     """The returned model must not share a parameter or buffer with the user's model."""
-    mine = {id(t) for t in list(model.parameters()) + list(model.buffers())}
-    shared = [n for n, t in list(work.named_parameters()) + list(work.named_buffers())
-              if id(t) in mine]
+    mine = {id(t) for m in model.modules() for d in (m._parameters, m._buffers)
+            for t in d.values() if t is not None}
+    shared = [f"{q}.{n}" if q else n for q, m in work.named_modules()
+              for d in (m._parameters, m._buffers) for n, t in d.items() if id(t) in mine]
     if shared:
         raise NormSurgeonError(f"internal error: the converted model shares {shared[:3]} with "
                                "the original; please report this")

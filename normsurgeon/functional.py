@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "bn_scale_shift",
+    "bn_scale_shift_many",
     "fold_conv_bn",
     "fold_conv_transpose_bn",
     "fold_linear_bn",
@@ -46,6 +47,31 @@ def bn_scale_shift(
     if bias is not None:
         t = t + bias.detach().to(torch.float64)
     return s, t
+
+
+def bn_scale_shift_many(
+    stats: list[tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]],
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`bn_scale_shift` for many BatchNorms at once (``(running_mean, running_var, eps,
+    weight, bias)`` each, one device): a dozen tensor ops in all instead of a dozen per BN, with
+    the same float64 results (a missing γ/β enters as exactly 1/0)."""
+    if not stats:
+        return []
+    sizes = [int(m.numel()) for m, *_ in stats]
+
+    def flat(ts: list[Tensor]) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in ts]).to(torch.float64)
+
+    mean = flat([m for m, *_ in stats])
+    var = flat([v for _, v, *_ in stats])
+    eps = torch.tensor([float(e) for _, _, e, *_ in stats], dtype=torch.float64,
+                       device=mean.device).repeat_interleave(torch.tensor(sizes,
+                                                                          device=mean.device))
+    weight = flat([w if w is not None else torch.ones_like(m) for m, _, _, w, _ in stats])
+    bias = flat([b if b is not None else torch.zeros_like(m) for m, _, _, _, b in stats])
+    s = torch.rsqrt(var + eps) * weight
+    t = -mean * s + bias
+    return list(zip(s.split(sizes), t.split(sizes)))
 
 
 def cast_like(value: Tensor, ref: Tensor) -> Tensor:

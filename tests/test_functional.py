@@ -161,3 +161,26 @@ def test_fused_fold_is_float64_math_rounded_once(dtype):
     ref_w, ref_b = Fn.fold_conv_bn(w, None, s, t)
     assert w2.dtype == dtype and w2.stride() == w.stride()
     assert torch.equal(w2, ref_w.to(dtype)) and torch.equal(b2, ref_b.to(dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.booleans(), st.booleans(),
+                          st.sampled_from([torch.float32, torch.float16, torch.float64]),
+                          st.sampled_from([1e-5, 1e-3, 0.0])), min_size=1, max_size=6),
+       st.integers(0, 99))
+def test_batched_scale_shift_equals_one_at_a_time(specs, seed):
+    """The batched (s, t) used while planning equals bn_scale_shift per BN, to the bit
+    (up to the sign of zero)."""
+    g = torch.Generator().manual_seed(seed)
+    stats = []
+    def r(c: int, dtype: torch.dtype, lo: float, hi: float) -> torch.Tensor:
+        return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+
+    for c, has_w, has_b, dtype, eps in specs:
+        stats.append((r(c, dtype, -1, 1), r(c, dtype, 0.5, 2), eps,
+                      r(c, dtype, 0.5, 1.5) if has_w else None,
+                      r(c, dtype, -0.5, 0.5) if has_b else None))
+    for (s, t), args in zip(Fn.bn_scale_shift_many(stats), stats):
+        s1, t1 = Fn.bn_scale_shift(*args)
+        assert s.dtype == t.dtype == torch.float64
+        assert torch.equal(s, s1) and torch.equal(t, t1)

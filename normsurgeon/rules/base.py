@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..report import Action, ConversionReport, SiteRecord
 from ..tracing import Region, is_batchnorm
 
-__all__ = ["BNSite", "Context", "Decision", "Rule", "Transform"]
+__all__ = ["BNSite", "Context", "Decision", "Rule", "Transform", "prime_scale_shift"]
 
 _BN_SIG = inspect.signature(F.batch_norm)
 
@@ -88,6 +88,25 @@ class BNSite:
             self._scale_shift = bn_scale_shift(self.running_mean, self.running_var, self.eps,
                                                self.weight, self.bias)
         return self._scale_shift
+
+
+def prime_scale_shift(sites: list[BNSite]) -> None:
+    """Compute ``(s, t)`` for every site with running statistics in one batched pass per
+    device (see :func:`normsurgeon.functional.bn_scale_shift_many`); sites keep them."""
+    from ..functional import bn_scale_shift_many
+
+    by_device: dict[torch.device, list[BNSite]] = {}
+    for site in sites:
+        if (site._scale_shift is None and not site.uses_batch_stats
+                and site.running_mean is not None and site.running_var is not None
+                and site.running_mean.numel() == site.running_var.numel()
+                and all(p is None or p.numel() == site.running_mean.numel()
+                        for p in (site.weight, site.bias))):
+            by_device.setdefault(site.running_mean.device, []).append(site)
+    for group in by_device.values():
+        stats = [(x.running_mean, x.running_var, x.eps, x.weight, x.bias) for x in group]
+        for site, st in zip(group, bn_scale_shift_many(stats)):  # type: ignore[arg-type]
+            site._scale_shift = st
 
 
 def _kind(m: nn.Module) -> str:
