@@ -45,6 +45,9 @@ class BNSite:
     uses_batch_stats: bool
     input_node: fx.Node | None
     _scale_shift: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    # set by prime_scale_shift when it proved these for the whole batch at once
+    _finite: bool = field(default=False, repr=False)
+    _max_abs_s: float | None = field(default=None, repr=False)
 
     @property
     def num_features(self) -> int:
@@ -55,6 +58,8 @@ class BNSite:
 
     def stats_problem(self) -> str | None:
         """Why this BN's eval map is not a fixed affine map, or ``None`` when it is."""
+        if self._finite:
+            return None
         if not self.uses_batch_stats and self.running_mean is not None and (
                 self.running_var is not None):
             # finite s = γ/sqrt(var+ε) and t = β − μ·s (float64) <=> finite μ, γ, β and
@@ -105,8 +110,18 @@ def prime_scale_shift(sites: list[BNSite]) -> None:
             by_device.setdefault(site.running_mean.device, []).append(site)
     for group in by_device.values():
         stats = [(x.running_mean, x.running_var, x.eps, x.weight, x.bias) for x in group]
-        for site, st in zip(group, bn_scale_shift_many(stats)):  # type: ignore[arg-type]
+        results = bn_scale_shift_many(stats)  # type: ignore[arg-type]
+        for site, st in zip(group, results):
             site._scale_shift = st
+        # the usual case, proved once for all: every s, t finite and every |s| < 1e30
+        s_all = torch.cat([s for s, _ in results])
+        t_all = torch.cat([t for _, t in results])
+        if bool(torch.isfinite(s_all).all()) and bool(torch.isfinite(t_all).all()):
+            top = float(s_all.abs().max()) if s_all.numel() else 0.0
+            for site in group:
+                site._finite = True
+                if top < 1e30:
+                    site._max_abs_s = top  # an upper bound is all check() needs
 
 
 def _kind(m: nn.Module) -> str:

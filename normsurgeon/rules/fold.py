@@ -106,9 +106,11 @@ class _FoldRule(Rule):
         m.result_of = layer.weight
         # overflow is a real risk in fp16/bf16 (max 65504 / 3.4e38 with 8 mantissa bits); in
         # fp32/fp64 a finite weight times a scale below 1e30 cannot reach inf, so skip the scan
-        s, _ = m.site.scale_shift()
-        risky = layer.weight.dtype in (torch.float16, torch.bfloat16) or (
-            float(s.abs().max()) >= 1e30)
+        top = m.site._max_abs_s
+        if top is None:
+            s, _ = m.site.scale_shift()
+            top = float(s.abs().max()) if s.numel() else 0.0
+        risky = layer.weight.dtype in (torch.float16, torch.bfloat16) or top >= 1e30
         if not risky:  # (W', b') is computed by rewrite: a dry run never pays for it
             return None
         m.result = w, b = self.folded(m)
