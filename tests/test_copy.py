@@ -98,3 +98,21 @@ def test_buffers_that_view_one_storage_keep_sharing_it() -> None:
     assert fast.whole.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
     fast.whole[2] = -1.0  # part[0, 0] is whole[2]
     assert float(fast.part[0, 0]) == -1.0 and float(base[2]) == 2.0
+
+
+def test_parametrized_modules_take_their_own_deepcopy() -> None:
+    """torch.nn.utils.parametrize classes define __deepcopy__: the copy goes through it."""
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.triu() + w.triu(1).transpose(-1, -2)
+
+    m = nn.Sequential(nn.Linear(5, 5), nn.ReLU())
+    parametrize.register_parametrization(m[0], "weight", Symmetric())
+    fast = deepcopy_module(m)
+    x = torch.randn(3, 5)
+    assert torch.equal(fast(x), m(x))
+    assert parametrize.is_parametrized(fast[0], "weight")
+    original = fast[0].parametrizations.weight.original
+    assert original is not m[0].parametrizations.weight.original
