@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ._args import as_inputs
 from ._copy import deepcopy_module
 from .errors import ModelInTrainingModeError, NormSurgeonError, StrictModeError
 from .functional import rel_error
@@ -124,17 +125,6 @@ def _patterns(p: str | Sequence[str] | None, what: str) -> list[str] | None:
     raise TypeError(f"{what} must be a glob pattern or a list of them, got {p!r}")
 
 
-def _as_inputs(example_inputs: Any) -> tuple[Any, ...] | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a tuple of positional inputs, got "
-                    f"{type(example_inputs).__name__}")
-
-
 def _with_bn_below(model: nn.Module) -> set[int]:
     """ids of modules that have a BatchNorm strictly below them."""
     out: set[int] = set()
@@ -195,7 +185,7 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     transform = get_transform(to)(**options)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    inputs = _as_inputs(example_inputs)
+    inputs = None if example_inputs is None else as_inputs(example_inputs, "example_inputs")
     if transform.needs_eval and model.training:
         raise ModelInTrainingModeError(
             f"to={to!r} needs inference semantics but the model is in training mode; "

@@ -110,6 +110,8 @@ def test_plain_model_and_errors(tmp_path):
         ns.export_onnx(_model("traceable"), 3, tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="opset"):
         ns.export_onnx(_model("traceable"), X, tmp_path / "x.onnx", opset=13)
+    with pytest.raises(TypeError, match="must be a tensor or a tuple"):  # not silently wrapped
+        ns.verify_onnx(tmp_path / "plain.onnx", _model("traceable"), {"x": X})
 
 
 def test_zoo_slice_exports(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._args import as_inputs
 from ..errors import ExportError, VerificationError
 from ..tracing import eval_mode
 from . import ops
@@ -48,15 +49,6 @@ class ExportResult:
             key = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
             out[key] = out.get(key, 0) + 1
         return out
-
-
-def _as_args(args: Any) -> tuple[Any, ...]:
-    if isinstance(args, torch.Tensor):
-        return (args,)
-    if isinstance(args, (tuple, list)):
-        return tuple(args)
-    raise TypeError("args must be a tensor or a tuple of example inputs (condition included), "
-                    f"got {type(args).__name__}")
 
 
 def _widen_batch(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -92,7 +84,7 @@ def export_onnx(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = _as_args(args)
+    args = as_inputs(args, "args (the example inputs, condition included)")
     opset = 18 if opset is None else int(opset)
     if opset < ops.BODY_OPSET:
         raise ValueError(f"opset must be ≥ {ops.BODY_OPSET} (the function bodies use "

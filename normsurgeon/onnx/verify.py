@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._args import as_inputs
 from ..tracing import eval_mode
 
 __all__ = ["verify_onnx", "VerificationResult", "Comparison", "DEFAULT_RTOL"]
@@ -143,7 +144,7 @@ def verify_onnx(
     import onnxruntime as ort
 
     path = os.fspath(path)
-    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    args = as_inputs(args, "args (the example inputs, condition included)")
     result = VerificationResult(path)
     requested = providers or (["cpu"] + ([] if _cuda_unavailable_reason(ort) else ["cuda"]))
     if providers is None and _cuda_unavailable_reason(ort):
