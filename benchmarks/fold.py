@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-import zoo  # noqa: E402  (run as a script, benchmarks/ is sys.path[0])
+import zoo  # first: it takes benchmarks/ off sys.path (onnx.py there shadows onnx)
 
-if os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # from here on, benchmarks/onnx.py cannot shadow the onnx package
-
-import normsurgeon as ns  # noqa: E402
-from normsurgeon.tracing import is_batchnorm, set_submodule  # noqa: E402
+# isort: split
+import normsurgeon as ns
+from normsurgeon.tracing import is_batchnorm, set_submodule
 
 
 def no_bn(model: nn.Module, only: set[str] | None = None) -> nn.Module:

@@ -15,20 +15,16 @@ A training step is forward + cross-entropy + backward + SGD step; eval is a no-g
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-import zoo  # noqa: E402  (run as a script, benchmarks/ is sys.path[0])
+import zoo  # first: it takes benchmarks/ off sys.path (onnx.py there shadows onnx)
 
-if os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # from here on, benchmarks/onnx.py cannot shadow the onnx package
-
-import normsurgeon as ns  # noqa: E402
+# isort: split
+import normsurgeon as ns
 
 
 def main() -> None:

@@ -16,19 +16,16 @@ import contextlib
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 
 import torch
 
-import zoo  # noqa: E402  (run as a script, benchmarks/ is sys.path[0])
+import zoo  # first: it takes benchmarks/ off sys.path (onnx.py there shadows onnx)
 
-if os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # from here on, benchmarks/onnx.py cannot shadow the onnx package
-
-import normsurgeon as ns  # noqa: E402
+# isort: split
+import normsurgeon as ns
 
 
 def main() -> None:

@@ -12,13 +12,20 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import pkgutil
 import sys
 import time
 from typing import Any
 
-import torch
-from torch import nn
+# A script run as `python benchmarks/<name>.py` has benchmarks/ as sys.path[0], where onnx.py
+# would shadow the onnx package. Every benchmark imports this module first: it takes that
+# entry off, for all of them.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 ZOO_SKIP_MODULES = {"model_store", "propainter_rfc", "common"}  # torchvision imports / helpers
 
