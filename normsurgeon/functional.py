@@ -38,23 +38,16 @@ def bn_scale_shift(
 
     ``γ = 1`` and ``β = 0`` when ``weight`` / ``bias`` are ``None`` (``affine=False``).
     """
-    mean = running_mean.detach().to(torch.float64)
-    var = running_var.detach().to(torch.float64)
-    s = torch.rsqrt(var + float(eps))
-    if weight is not None:
-        s = s * weight.detach().to(torch.float64)
-    t = -mean * s
-    if bias is not None:
-        t = t + bias.detach().to(torch.float64)
-    return s, t
+    return bn_scale_shift_many([(running_mean, running_var, eps, weight, bias)])[0]
 
 
 def bn_scale_shift_many(
     stats: list[tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]],
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`bn_scale_shift` for many BatchNorms at once (``(running_mean, running_var, eps,
-    weight, bias)`` each, one device): a dozen tensor ops in all instead of a dozen per BN, with
-    the same float64 results (a missing γ/β enters as exactly 1/0)."""
+    weight, bias)`` each, one device): a dozen tensor ops in all instead of a dozen per BN.
+    ``s = rsqrt(var + ε)·γ`` and ``t = −μ·s + β`` in float64; a missing γ/β enters as exactly
+    1/0."""
     if not stats:
         return []
     sizes = [int(m.numel()) for m, *_ in stats]
