@@ -12,7 +12,6 @@ frozen, so task 0 must keep working while task 1 is learned.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,13 +25,7 @@ from normsurgeon.layers import param_groups  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    xtr, ytr, xte, yte = dc.load()
-    model = dc.cnn()
-    dc.train(model, xtr, ytr, epochs=4 if args.quick else 15)
+    args, (xtr, ytr, xte, yte), model = dc.pretrained(argv, __doc__.splitlines()[0])
 
     def relabel(y: torch.Tensor) -> torch.Tensor:
         return (y + 5) % 10

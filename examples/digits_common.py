@@ -3,6 +3,8 @@ CNN trained on them."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch import nn
 
@@ -50,3 +52,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, param
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor) -> float:
     model.eval()
     return float((model(x, *extra).argmax(1) == y).float().mean())
+
+
+def pretrained(argv: list[str] | None, description: str
+               ) -> tuple[argparse.Namespace, tuple[torch.Tensor, ...], nn.Module]:
+    """What both examples start from: parse ``--quick``, load the data, train the CNN."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="a few seconds (the tests use it)")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    data = load()
+    model = cnn()
+    train(model, data[0], data[1], epochs=4 if args.quick else 15)
+    return args, data, model

@@ -12,7 +12,6 @@ and both the RBN model and a plain-BN copy are fine-tuned the same way on the sh
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -34,13 +33,7 @@ def shift(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    xtr, ytr, xte, yte = dc.load()
-    model = dc.cnn()
-    dc.train(model, xtr, ytr, epochs=4 if args.quick else 15)
+    args, (xtr, ytr, xte, yte), model = dc.pretrained(argv, __doc__.splitlines()[0])
     xtr_s, xte_s = shift(xtr, 1), shift(xte, 2)
     clean, shifted = dc.accuracy(model, xte, yte), dc.accuracy(model, xte_s, yte)
     rbn = ns.convert(model, "rbn")
