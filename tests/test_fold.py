@@ -304,6 +304,17 @@ def test_frozen_bn_lookalike_and_syncbn_fold():
     assert_fold_exact(model, out, X)
 
 
+def test_lookalike_with_inconsistent_sizes_is_refused_with_reason():
+    """A BN look-alike whose γ is a scalar is not a per-channel affine map: refused, not a crash."""
+    bn = FrozenBatchNorm2d(4)
+    bn.weight = torch.full((1,), 1.5)
+    model = prep(nn.Sequential(nn.Conv2d(3, 4, 3), bn))
+    out, report = ns.convert_with_report(model, example_inputs=X)
+    assert report.counts == {"skipped": 1}
+    assert "disagree in size" in report["1"].reason
+    assert_fold_exact(model, out, X)
+
+
 class FunctionalBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -62,6 +62,11 @@ class BNSite:
             return None
         if not self.uses_batch_stats and self.running_mean is not None and (
                 self.running_var is not None):
+            sizes = {int(t.numel()) for t in (self.running_mean, self.running_var, self.weight,
+                                              self.bias) if t is not None}
+            if len(sizes) > 1:
+                return (f"running_mean, running_var, weight and bias disagree in size "
+                        f"({sorted(sizes)}): not a per-channel BatchNorm")
             # finite s = γ/sqrt(var+ε) and t = β − μ·s (float64) <=> finite μ, γ, β and
             # var + ε > 0 (rsqrt of a non-positive number is inf or nan): one test for all
             s, t = self.scale_shift()
@@ -104,9 +109,9 @@ def prime_scale_shift(sites: list[BNSite]) -> None:
     for site in sites:
         if (site._scale_shift is None and not site.uses_batch_stats
                 and site.running_mean is not None and site.running_var is not None
-                and site.running_mean.numel() == site.running_var.numel()
-                and all(p is None or p.numel() == site.running_mean.numel()
-                        for p in (site.weight, site.bias))):
+                and len({int(t.numel()) for t in (site.running_mean, site.running_var,
+                                                   site.weight, site.bias)
+                         if t is not None}) == 1):
             by_device.setdefault(site.running_mean.device, []).append(site)
     for group in by_device.values():
         stats = [(x.running_mean, x.running_var, x.eps, x.weight, x.bias) for x in group]
