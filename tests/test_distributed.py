@@ -61,6 +61,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.save({"losses": losses, "first_stats": first_stats, "cbn_mean": cbn.running_mean,
                 "grad": cbn.cond_mlp[0].weight.grad is not None},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    # no rank may tear the group down while the other is still inside a collective: without
+    # this, gloo aborted rank 1 about once in ten runs when the machine was busy
+    dist.barrier()
     dist.destroy_process_group()
 
 
