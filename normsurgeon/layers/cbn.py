@@ -158,15 +158,19 @@ class _ConditionalBatchNorm(NormStatsMixin):
                              f"shape {tuple(x.shape)}")
         check_condition(cond, x.shape[0], self.spec)
         e = self.embedding(cond) if self.embedding is not None else cond
+        c = self.num_features
         self._check_input(x)
-        gamma, beta = self._affine(e.to(x.dtype))
         if current_export_mode() == "custom":
             if self.running_mean is None or self.uses_batch_stats():
                 raise RuntimeError("ONNX export of a CBN needs running statistics (eval mode, "
                                    "track_running_stats=True)")
+            gamma, beta = self._export_affine(e.to(x.dtype))
             record_cbn_rank(x.dim())
             return torch.ops.normsurgeon.cbn(x, gamma, beta, self.running_mean,
                                              self.running_var, self.eps)
+        delta = self.cond_mlp(e.to(x.dtype))
+        gamma = delta[:, :c] + (self.weight if self.weight is not None else 1.0)
+        beta = delta[:, c:] + self.bias if self.bias is not None else delta[:, c:]
         # y = γ̂·(x − μ)·invstd + β̂ as one per-sample affine pass: y = x·α + β',
         # α = γ̂·invstd, β' = β̂ − μ·α (μ, invstd: running, or batch statistics)
         if self.uses_batch_stats():
@@ -178,23 +182,30 @@ class _ConditionalBatchNorm(NormStatsMixin):
         shift = beta - mean * alpha
         return per_sample_affine(x, alpha, shift)
 
-    def _affine(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        """``(γ + Δγ, β + Δβ)``, (N, C) each, with γ and β folded into the bias of the MLP's
-        last Linear: ``W₂h + (b₂ + [γ; β])``. One Gemm instead of a Gemm and two Adds, which
-        is also what an ONNX export holds (onnxruntime folds the constant bias)."""
+    def _export_affine(self, e: Tensor) -> tuple[Tensor, Tensor]:
+        """``(γ + Δγ, β + Δβ)`` for export, with γ and β folded into the bias of the MLP's
+        last Linear: ``W₂h + (b₂ + [γ; β])``. The exported graph then holds one Gemm whose
+        bias is a constant expression (folded by onnxruntime) instead of a Gemm and two Adds
+        per site. Same math as forward, up to float rounding order."""
         c = self.num_features
-        ones = e.new_ones(c)
-        base = torch.cat((self.weight if self.weight is not None else ones,
-                          self.bias if self.bias is not None else ones.new_zeros(c)))
         *body, last = self.cond_mlp
-        if isinstance(last, nn.Linear) and last.bias is not None:
+        if not isinstance(last, nn.Linear) or last.bias is None:
+            delta = self.cond_mlp(e)
+            base = torch.cat(self._base_affine(delta))
+            both = delta + base
+        else:
             h = e
             for layer in body:
                 h = layer(h)
-            both = F.linear(h, last.weight, last.bias + base)
-        else:  # a user-supplied MLP of another shape
-            both = self.cond_mlp(e) + base
+            both = F.linear(h, last.weight, last.bias + torch.cat(self._base_affine(last.bias)))
         return both[:, :c], both[:, c:]
+
+    def _base_affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.num_features
+        ones = like.new_ones(c)
+        gamma = self.weight if self.weight is not None else ones
+        beta = self.bias if self.bias is not None else ones - ones
+        return gamma, beta
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, cond_dim={self.cond_dim}, hidden_dim={self.hidden_dim}, "
