@@ -186,7 +186,9 @@ class _ConditionalBatchNorm(NormStatsMixin):
         """``(γ + Δγ, β + Δβ)`` for export, with γ and β folded into the bias of the MLP's
         last Linear: ``W₂h + (b₂ + [γ; β])``. The exported graph then holds one Gemm whose
         bias is a constant expression (folded by onnxruntime) instead of a Gemm and two Adds
-        per site. Same math as forward, up to float rounding order."""
+        per site. Same math as forward, up to float rounding order. (Eager forward keeps
+        ``delta + [γ; β]``: using this form there made a CBN training step ~5% slower,
+        measured on a 4×256×56×56 layer.)"""
         c = self.num_features
         *body, last = self.cond_mlp
         if not isinstance(last, nn.Linear) or last.bias is None:
@@ -204,7 +206,7 @@ class _ConditionalBatchNorm(NormStatsMixin):
         c = self.num_features
         ones = like.new_ones(c)
         gamma = self.weight if self.weight is not None else ones
-        beta = self.bias if self.bias is not None else ones - ones
+        beta = self.bias if self.bias is not None else like.new_zeros(c)
         return gamma, beta
 
     def extra_repr(self) -> str:
