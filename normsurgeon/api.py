@@ -286,14 +286,14 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
 
 
 def _check_no_sharing(model: nn.Module, work: nn.Module) -> None:
-    """The returned model must not share a parameter or buffer with the user's model."""
-    mine = {id(t) for m in model.modules() for d in (m._parameters, m._buffers)
-            for t in d.values() if t is not None}
-    shared = [f"{q}.{n}" if q else n for q, m in work.named_modules()
-              for d in (m._parameters, m._buffers) for n, t in d.items() if id(t) in mine]
+    """The returned model must not share memory with the user's model: no parameter or buffer
+    of ``work`` may overlap the storage of any tensor of ``model`` (views included)."""
+    from .testing import shared_storage
+
+    shared = shared_storage(model, work)
     if shared:
-        raise NormSurgeonError(f"internal error: the converted model shares {shared[:3]} with "
-                               "the original; please report this")
+        raise NormSurgeonError(f"internal error: the converted model shares memory "
+                               f"({', '.join(shared[:3])}) with the original; please report this")
 
 
 def _unreached_reason(qual: str, status: dict[str, str]) -> str:

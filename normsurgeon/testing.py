@@ -7,7 +7,7 @@ from torch import nn
 
 from .tracing import is_batchnorm, is_normsurgeon_layer
 
-__all__ = ["randomize_bn_stats"]
+__all__ = ["randomize_bn_stats", "model_fingerprint", "shared_storage"]
 
 
 def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -30,3 +30,50 @@ def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
                 w.copy_(torch.rand(n, generator=g) + 0.5)
                 b.copy_(torch.rand(n, generator=g) - 0.5)
     return model
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, object]:
+    """Everything a conversion must leave unchanged on the user's model, in comparable form:
+    each parameter's and buffer's bytes, dtype, shape, strides and ``requires_grad``; each
+    module's class, training flag and hooks (forward, pre-forward, backward); the module tree.
+
+    ``model_fingerprint(m) == model_fingerprint(m)`` before and after ``convert(m, ...)`` is the
+    "never touches your model" promise (see ``docs/invariants.md``)."""
+    out: dict[str, object] = {}
+    for qual, m in model.named_modules(remove_duplicate=False):
+        out[f"module {qual}"] = (
+            type(m), m.training, tuple(m._forward_hooks.values()),
+            tuple(m._forward_pre_hooks.values()), tuple(m._backward_hooks.values()),
+            tuple(m._modules))
+        for kind, store in (("param", m._parameters), ("buffer", m._buffers)):
+            for name, t in store.items():
+                if t is None:
+                    out[f"{kind} {qual}.{name}"] = None
+                    continue
+                data = t.detach()
+                raw = data.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+                out[f"{kind} {qual}.{name}"] = (
+                    type(t), t.dtype, tuple(t.shape), t.stride(), t.requires_grad, raw)
+    return out
+
+
+def shared_storage(a: nn.Module, b: nn.Module) -> list[str]:
+    """Names of ``b``'s parameters and buffers whose memory overlaps any tensor of ``a``
+    (views and aliases included, not just the same tensor object)."""
+    spans: list[tuple[torch.device, int, int]] = []
+    for t in list(a.parameters()) + list(a.buffers()):
+        st = t.untyped_storage()
+        if st.nbytes():
+            spans.append((t.device, st.data_ptr(), st.data_ptr() + st.nbytes()))
+    hits = []
+    for qual, m in b.named_modules(remove_duplicate=False):
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is None:
+                    continue
+                st = t.untyped_storage()
+                lo, hi = st.data_ptr(), st.data_ptr() + st.nbytes()
+                if st.nbytes() and any(d == t.device and lo < e and s < hi
+                                       for d, s, e in spans):
+                    hits.append(f"{qual}.{name}" if qual else name)
+    return hits
