@@ -236,7 +236,8 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
     for qual, m in work.named_modules():
         if is_batchnorm(m) and id(m) not in reached:
             records[qual] = SiteRecord(qual, type(m).__name__, Action.SKIPPED,
-                                       reason=_unreached_reason(qual, status), trace="none")
+                                       reason=ctx.opaque_problem(m)
+                                       or _unreached_reason(qual, status), trace="none")
     if strict:
         bad = {r.name: r.reason for r in records.values() if r.action == Action.SKIPPED}
         if bad:

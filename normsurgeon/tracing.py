@@ -91,7 +91,7 @@ class NormTracer(fx.Tracer):
         self.leaf_types = tuple(leaf_types)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_batchnorm(m) or is_normsurgeon_layer(m):
+        if is_batchnorm(m) or is_normsurgeon_layer(m) or isinstance(m, torch.jit.ScriptModule):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
@@ -295,6 +295,8 @@ def record_inputs(
         seen[id(mod)] = args
 
     for m in wanted:
+        if isinstance(m, torch.jit.ScriptModule):  # compiled: no Python hooks, opaque anyway
+            continue
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad(), eval_mode(model):
@@ -358,6 +360,9 @@ def trace_regions(
 
     def visit(name: str, module: nn.Module) -> None:
         if not needs(module):
+            return
+        if isinstance(module, torch.jit.ScriptModule):
+            status[name] = "opaque: TorchScript module"
             return
         example = inputs.get(id(module))
         try:

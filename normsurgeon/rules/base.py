@@ -44,6 +44,9 @@ class BNSite:
     eps: float
     uses_batch_stats: bool
     input_node: fx.Node | None
+    # a child of the BN module that must take its place when it is folded (the activation of a
+    # norm+act layer); set by the behaviour check
+    keep_child: str | None = None
     _scale_shift: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     # set by prime_scale_shift when it proved these for the whole batch at once
     _finite: bool = field(default=False, repr=False)
@@ -145,6 +148,7 @@ class Context:
     names: dict[int, list[str]] = field(default_factory=dict)
     param_owners: dict[int, set[int]] = field(default_factory=dict)
     rebuild: set[str] = field(default_factory=set)  # regions whose graph must replace the module
+    scripted: dict[int, str] = field(default_factory=dict)  # id -> enclosing TorchScript module
     target: nn.Module | None = None  # the model rewrites edit (the copy; ``model`` is analysed)
     _table: dict[str, nn.Module] | None = field(default=None, repr=False)
     _table_root: nn.Module | None = field(default=None, repr=False)
@@ -173,6 +177,9 @@ class Context:
                 self._table[qualname] = new
 
     def __post_init__(self) -> None:
+        from .checks import scripted_modules
+
+        self.scripted = scripted_modules(self.model)
         for qual, m in self.model.named_modules(remove_duplicate=False):
             self.names.setdefault(id(m), []).append(qual)
             for p in list(m._parameters.values()) + list(m._buffers.values()):
@@ -190,6 +197,8 @@ class Context:
 
     def single_call_problem(self, module: nn.Module, what: str) -> str | None:
         """Why rewriting ``module``'s own parameters is unsafe (several sites, aliases, sharing)."""
+        from .checks import hook_problem
+
         n = self.call_counts[id(module)]
         if n > 1:
             return f"{what} is called at {n} sites; folding would change the other calls"
@@ -198,7 +207,15 @@ class Context:
         for p in list(module._parameters.values()):
             if p is not None and len(self.param_owners.get(id(p), ())) > 1:
                 return f"{what}'s parameters are shared with another module"
-        return None
+        return hook_problem(module, what)
+
+    def opaque_problem(self, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be touched because compiled code holds it, or ``None``."""
+        holder = self.scripted.get(id(module))
+        if holder is None:
+            return None
+        return (f"inside TorchScript module {holder or '<model>'}: compiled code is opaque to "
+                "normsurgeon, so it is left as it is")
 
     def module_sites(self) -> Iterator[BNSite]:
         """Every BatchNorm *module* of the model (for transforms that swap modules and need no

@@ -17,6 +17,7 @@ from .. import functional as Fn
 from ..report import Action, SiteRecord
 from ..tracing import value_users
 from .base import BNSite, Context, Decision, Rule, Transform
+from .checks import bn_behaviour, hook_problem
 
 __all__ = ["FoldTransform", "FOLD_RULES"]
 
@@ -48,8 +49,9 @@ def _standard_layer_problem(m: nn.Module, bases: tuple[type[nn.Module], ...]) ->
         return f"{cls.__name__} overrides forward; its weights may not be used as-is"
     if parametrize.is_parametrized(m):
         return f"{cls.__name__} has parametrized weights"
-    if m._forward_pre_hooks or m._forward_hooks:
-        return f"{cls.__name__} has forward hooks (e.g. weight_norm); folding would change them"
+    problem = hook_problem(m, cls.__name__)
+    if problem:
+        return problem
     w = getattr(m, "weight", None)
     if not isinstance(w, Tensor) or isinstance(w, nn.parameter.UninitializedParameter):
         return f"{cls.__name__} has no initialized weight"
@@ -357,6 +359,8 @@ def _remove_bn(ctx: Context, site: BNSite) -> None:
     module for ``nn.Identity`` so the user's own forward keeps running unchanged."""
     if site.module is None:
         ctx.rebuild.add(site.region.name)
+    elif site.keep_child is not None:  # norm+act: the activation stays where the BN was
+        ctx.replace_module(site.name, ctx.target_module(f"{site.name}.{site.keep_child}"))
     elif not isinstance(ctx.target_module(site.name), nn.Identity):  # the copy may hold one
         ctx.replace_module(site.name, nn.Identity())
     ctx.options.setdefault("_removed_nodes", []).append(site)
@@ -389,7 +393,7 @@ class FoldTransform(Transform):
                 for p in (layer.weight, layer.bias):
                     if p is not None:
                         memo[id(p)] = p
-            if d.site.module is not None:
+            if d.site.module is not None and d.site.keep_child is None:
                 memo[id(d.site.module)] = nn.Identity()
         return memo
 
@@ -405,6 +409,17 @@ class FoldTransform(Transform):
         problem = site.stats_problem()
         if problem:
             return Decision(site, reason=problem)
+        if site.module is not None:
+            problem = ctx.opaque_problem(site.module) or hook_problem(site.module, "BatchNorm")
+            if problem:
+                return Decision(site, reason=problem)
+            s, t = site.scale_shift()
+            shape = site.region.output_shape(site.input_node) if (
+                site.input_node is not None and site.region.inputs is not None) else None
+            verdict = bn_behaviour(site.module, s, t, tuple(shape) if shape else None)
+            if verdict.problem:
+                return Decision(site, reason=verdict.problem)
+            site.keep_child = verdict.keep_child
         reasons = {}
         for rule in self.rules:
             m = rule.match(ctx, site)

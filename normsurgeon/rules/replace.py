@@ -27,6 +27,7 @@ from ..layers.cbn import (
 from ..layers.rbn import RepresentativeBatchNorm2d
 from ..report import Action, ConversionReport, SiteRecord
 from .base import BNSite, Context, Decision, Rule, Transform
+from .checks import hook_problem
 
 __all__ = ["CBNTransform", "RBNTransform", "ConditionedForward"]
 
@@ -66,9 +67,13 @@ class _ReplaceTransform(Transform):
     rule: ReplaceBN
 
     def plan(self, ctx: Context, site: BNSite) -> Decision:
+        assert site.module is not None  # module-level sites
+        why = ctx.opaque_problem(site.module)
+        if why:
+            return Decision(site, reason=why)
         if self.rule.match(ctx, site) is None:
             return Decision(site, reason=f"{site.kind} is not converted: {self.rule.what}")
-        why = self.check_site(site)
+        why = hook_problem(site.module, "BatchNorm") or self.check_site(site)
         if why:
             return Decision(site, reason=why)
         return Decision(site, self.rule, site, action=Action.REPLACED)
