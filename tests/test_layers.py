@@ -40,7 +40,7 @@ def rbn_reference(layer: RepresentativeBatchNorm2d, x: torch.Tensor) -> torch.Te
     x_n = (x_c - d["running_mean"].view(v)) / torch.sqrt(d["running_var"].view(v) + layer.eps)
     r = torch.sigmoid(d["scaling_weight"].view(v) * x_n.mean((2, 3), keepdim=True)
                       + d["scaling_bias"].view(v))
-    return d["weight"].view(v) * r * x_n + d["bias"].view(v)
+    return d["weight"].view(v) * (r / d["scaling_reference"].view(v)) * x_n + d["bias"].view(v)
 
 
 # --- function preservation ------------------------------------------------------------------
@@ -54,7 +54,8 @@ def test_rbn_from_batchnorm_is_exact_and_keeps_names(affine):
     if affine:
         missing, unexpected = rbn.load_state_dict(bn.state_dict(), strict=False)
         assert unexpected == [] and sorted(missing) == ["centering_weight", "scaling_bias",
-                                                       "scaling_weight"]
+                                                       "scaling_reference", "scaling_weight"]
+        assert rel_error(rbn(x), bn(x)) <= CONVERT_BAR  # still the BN after loading its weights
 
 
 def test_paper_init_is_not_function_preserving():

@@ -9,9 +9,11 @@ With ``m(z)`` the per-instance, per-channel spatial mean:
     y = γ \odot r \odot x_n + β
 
 (``μ, σ²``: batch statistics of ``x_c`` in training, running statistics of ``x_c`` in eval.)
-The paper's init (``w_c = w_v = 0``, ``b_v = 1``) scales every output by sigmoid(1) ≈ 0.731;
-:meth:`RepresentativeBatchNorm2d.from_batchnorm` divides γ by ``sigmoid(b_v)`` instead, so a
-converted layer equals the BN it came from exactly.
+The paper's init (``w_c = w_v = 0``, ``b_v = 1``) scales every output by sigmoid(1) ≈ 0.731.
+A converted layer compensates with a buffer ``scaling_reference`` ``r₀ = sigmoid(b_v)`` taken at
+conversion: ``y = γ ⊙ (r / r₀) ⊙ x_n + β`` (``r₀ = 1`` for a layer built from scratch: the
+paper's formula). ``weight`` stays the original γ, so the original BatchNorm's checkpoint loads
+into a converted model and it is still the original function (docs/layers.md).
 """
 
 from __future__ import annotations
@@ -48,22 +50,25 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
         self.centering_weight = nn.Parameter(torch.zeros(num_features))
         self.scaling_weight = nn.Parameter(torch.zeros(num_features))
         self.scaling_bias = nn.Parameter(torch.full((num_features,), float(scaling_bias_init)))
+        # r₀: the output is scaled by r / r₀; 1 = the paper's formula, sigmoid(b_v) after
+        # from_batchnorm (function preserving without touching γ)
+        self.register_buffer("scaling_reference", torch.ones(num_features))
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, freeze_stats: bool = False) -> RepresentativeBatchNorm2d:
-        """An RBN equal to ``bn``: ``w_c = w_v = 0``, ``b_v = 1``, ``γ ← γ / sigmoid(b_v)``.
+        """An RBN equal to ``bn``: ``w_c = w_v = 0``, ``b_v = 1``, ``r₀ = sigmoid(b_v)``, and
+        γ, β, the running statistics copied unchanged.
 
-        A BN with ``affine=False`` becomes an affine RBN with ``γ = 1/sigmoid(b_v)``, ``β = 0``
-        (there is no other way to undo the calibration's constant scale).
+        A BN with ``affine=False`` becomes an affine RBN with ``γ = 1``, ``β = 0``.
         """
         track = getattr(bn, "running_mean", None) is not None
         layer = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=True,
                     track_running_stats=track, freeze_stats=freeze_stats and track)
         layer._copy_stats_from(bn)
         with torch.no_grad():
-            inv = 1.0 / torch.sigmoid(layer.scaling_bias.double())
-            gamma = bn.weight.double() if getattr(bn, "weight", None) is not None else 1.0
-            layer.weight.copy_(gamma * inv)
+            layer.scaling_reference.copy_(torch.sigmoid(layer.scaling_bias))
+            if getattr(bn, "weight", None) is not None:
+                layer.weight.copy_(bn.weight)
             if getattr(bn, "bias", None) is not None:
                 layer.bias.copy_(bn.bias)
         ref = bn.running_mean if track else getattr(bn, "weight", None)
@@ -90,7 +95,7 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
                 raise RuntimeError("ONNX export of an RBN needs running statistics (eval mode, "
                                    "track_running_stats=True)")
             ones = torch.ones_like(self.running_mean)
-            gamma = self.weight if self.weight is not None else ones
+            gamma = (self.weight if self.weight is not None else ones) / self.scaling_reference
             beta = self.bias if self.bias is not None else ones - 1
             return torch.ops.normsurgeon.rbn(x, self.centering_weight, self.scaling_weight,
                                              self.scaling_bias, gamma, beta, self.running_mean,
@@ -107,7 +112,9 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
         m_c = m_x * (1 + self.centering_weight)
         mean, invstd = self._channel_stats(m_c, v_x, x.shape[2] * x.shape[3])
         r = torch.sigmoid(self.scaling_weight * ((m_c - mean) * invstd) + self.scaling_bias)
-        alpha = r * invstd if self.weight is None else r * (self.weight * invstd)
+        gamma = 1 / self.scaling_reference if self.weight is None else (
+            self.weight / self.scaling_reference)
+        alpha = r * (gamma * invstd)
         shift = alpha * (self.centering_weight * m_x - mean)
         if self.bias is not None:
             shift = shift + self.bias
