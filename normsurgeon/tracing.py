@@ -14,13 +14,18 @@ Strategy, per module, starting from the root:
 
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
 import inspect
 import logging
 import operator
+import os
+import sys
+import textwrap
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any
 
 import torch
@@ -106,6 +111,7 @@ class _ConcreteProxy(fx.Proxy):
 
     @property
     def value(self) -> Any:
+        self.tracer.specialised = True  # type: ignore[attr-defined]  # Python sees a value
         return self.node.meta["concrete"]
 
     def __bool__(self) -> bool:
@@ -169,13 +175,39 @@ def _fetch_attr(root: nn.Module, target: str) -> Any:
     return obj
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_TRACE_CODE = fx.Tracer.trace.__code__
+
+UserStack = tuple[tuple[CodeType, int], ...]
+
+
+def user_stack() -> UserStack:
+    """``(code, line)`` of the user-code frames between ``Tracer.trace`` and here, outermost
+    first (torch's and normsurgeon's own frames left out)."""
+    f = sys._getframe(1)
+    out = []
+    while f is not None and f.f_code is not _TRACE_CODE:
+        name = f.f_code.co_filename
+        if not (name.startswith(_TORCH_DIR) or name.startswith(_OWN_DIR)):
+            out.append((f.f_code, f.f_lineno))
+        f = f.f_back
+    return tuple(reversed(out))
+
+
 class ConcreteTracer(NormTracer):
-    """Traces with real example values riding along; see the module docstring."""
+    """Traces with real example values riding along; see the module docstring.
+
+    Every module call records the user-code call stack that issued it (``node.meta
+    ["ns_stack"]``), and ``specialised`` turns true when Python received a concrete value from
+    the trace (a shape, ``bool()``, ``int()``, ``len()``...): from then on the graph may hold
+    only the example's path (see :func:`path_problem`)."""
 
     def __init__(self, inputs: Sequence[Any], leaf_types: Sequence[type] = ()) -> None:
         super().__init__(leaf_types)
         self._inputs = list(inputs)
         self._next_input = 0
+        self.specialised = False
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
@@ -206,7 +238,10 @@ class ConcreteTracer(NormTracer):
                 else:  # call_module
                     value = _orig_module_call(_fetch_attr(self.root, target), *a, **k)
         proxy.node.meta["concrete"] = value
+        if kind == "call_module":
+            proxy.node.meta["ns_stack"] = user_stack()
         if kind in ("call_function", "call_method") and _is_static(value):
+            self.specialised = True
             # sizes, dtypes, flags: only tensor data flow matters here, so hand Python the
             # real value (torch.zeros(*x.size()), math.ceil(h / s), ... then just work)
             return value
@@ -226,8 +261,10 @@ class Region:
     mode: str  # "symbolic" or "concrete"
     inputs: tuple[Any, ...] | None = None
     constants: dict[str, Any] = field(default_factory=dict, repr=False)
+    specialised: bool = False  # concrete: Python took decisions on the example's values
     _shapes_done: bool = field(default=False, repr=False)
     _submodules: dict[str, nn.Module] | None = field(default=None, repr=False)
+    _ranks: dict[fx.Node, frozenset[int] | None] | None = field(default=None, repr=False)
 
     def qualname(self, target: str) -> str:
         return f"{self.name}.{target}" if self.name else target
@@ -258,6 +295,21 @@ class Region:
                     log.debug("shape propagation failed in %r: %s", self.name, e)
         meta = node.meta.get("tensor_meta")
         return getattr(meta, "shape", None)
+
+    def ranks(self, node: fx.Node) -> frozenset[int] | None:
+        """The ranks ``node``'s tensor can have: from the example run when known, else proved
+        from the graph (``flatten(x, 1)`` is 2-D, a Conv2d output is 3-D or 4-D, ``mean((2, 3))``
+        needs 4-D...). ``None``: not provable."""
+        shape = self.output_shape(node) if (self.inputs is not None
+                                            or self.mode == "concrete") else None
+        if shape is not None:
+            return frozenset({len(shape)})
+        if self._ranks is None:
+            self._ranks = {}
+        if node not in self._ranks:
+            self._ranks[node] = None  # cycles cannot happen in a DAG; this guards recursion
+            self._ranks[node] = _infer_ranks(self, node)
+        return self._ranks[node]
 
     def graph_module(self, root: nn.Module | None = None) -> fx.GraphModule:
         """A runnable GraphModule of this region's (current) graph, taking its submodules from
@@ -374,10 +426,11 @@ def trace_regions(
             err = _one_line(e)
         if example is not None:
             try:
+                tracer = ConcreteTracer(_clone_inputs(example), leaf_types)
                 with torch.no_grad():
-                    graph, consts = _trace(
-                        ConcreteTracer(_clone_inputs(example), leaf_types), module)
-                regions.append(Region(name, module, graph, "concrete", example, consts))
+                    graph, consts = _trace(tracer, module)
+                regions.append(Region(name, module, graph, "concrete", example, consts,
+                                      specialised=tracer.specialised))
                 status[name] = "concrete"
                 log.info("%s: symbolic trace failed (%s); traced with concrete shapes",
                          name or "<model>", err)
@@ -405,7 +458,7 @@ def set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
 
 
 # names whose use reads only metadata, never the values: folding cannot change them
-METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement", "type",
+METADATA_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement",
                               "get_device", "is_contiguous"})
 METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout",
                             "requires_grad"})
@@ -417,8 +470,229 @@ def value_users(node: fx.Node) -> list[fx.Node]:
     for u in node.users:
         if u.op == "call_method" and u.target in METADATA_METHODS:
             continue
+        if u.op == "call_method" and u.target == "type" and len(u.args) == 1 and not u.kwargs:
+            continue  # x.type() names the type; x.type(dtype) converts the values
         if u.op == "call_function" and u.target is builtins.getattr and len(u.args) > 1 \
                 and u.args[1] in METADATA_ATTRS:
             continue
         out.append(u)
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Which paths a concrete graph proves
+# ----------------------------------------------------------------------------------------
+_BRANCHES = (ast.If, ast.IfExp, ast.While, ast.For, ast.AsyncFor, ast.Try, ast.BoolOp,
+             ast.comprehension, ast.Match, ast.Assert)
+_functions: dict[CodeType, tuple[int, int, list[tuple[int, int, bool, str]]] | None] = {}
+
+
+def _static_test(node: ast.AST | None) -> bool:
+    """A test whose value is fixed by the module, not by the input: constants, ``self.a.b``,
+    ``range(self.n)``, comparisons with ``None`` and boolean combinations of those."""
+    if node is None:
+        return False
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.Attribute):
+        inner: ast.AST = node
+        while isinstance(inner, ast.Attribute):
+            inner = inner.value
+        return isinstance(inner, ast.Name) and inner.id == "self"
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return _static_test(node.operand)
+    if isinstance(node, ast.BoolOp):
+        return all(_static_test(v) for v in node.values)
+    if isinstance(node, ast.Compare):
+        return all(_static_test(v) or (isinstance(v, ast.Constant) and v.value is None)
+                   for v in [node.left, *node.comparators])
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+            "range", "len", "enumerate", "zip", "isinstance", "hasattr", "getattr"):
+        return all(_static_test(a) or isinstance(a, ast.Name) and a.id in (
+            "int", "float", "str", "tuple", "list", "dict") for a in node.args)
+    return False
+
+
+def _test_of(node: ast.AST) -> ast.AST | None:
+    if isinstance(node, (ast.If, ast.IfExp, ast.While, ast.Assert)):
+        return node.test
+    if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+        return node.iter
+    if isinstance(node, ast.Match):
+        return node.subject
+    return None  # Try, BoolOp: control flow that no static test decides
+
+
+def _function_branches(code: CodeType) -> tuple[int, int, list[tuple[int, int, bool, str]]] | None:
+    """``(first line, last line, [(lo, hi, static, what)])`` of the branch constructs in the
+    function of ``code``; ``None`` when its source is unavailable."""
+    if code in _functions:
+        return _functions[code]
+    result = None
+    try:
+        lines, start = inspect.getsourcelines(code)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+        first = start if start > 0 else 1
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, _BRANCHES):
+                lo = getattr(node, "lineno", None)
+                if lo is None:  # comprehension: take its iterable's lines
+                    lo, hi = node.iter.lineno, node.iter.end_lineno or node.iter.lineno
+                else:
+                    hi = node.end_lineno or lo
+                found.append((lo + first - 1, hi + first - 1, _static_test(_test_of(node)),
+                              type(node).__name__))
+        result = (first, first + len(lines) - 1, found)
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        result = None
+    _functions[code] = result
+    return result
+
+
+def _value_spans(p: UserStack, c: UserStack) -> dict[CodeType, tuple[int, int]]:
+    """Per user function, the lines that carry the producer's value to the consumer.
+
+    Frames the two calls share (same function, same line) run both calls or neither, and are
+    skipped; in the frame where they part, the lines between the two calls; deeper on the
+    producer's side, from its call to the function's end; on the consumer's side, from the
+    function's start to its call."""
+    k = 0
+    while k < min(len(p), len(c)) and p[k][0] is c[k][0] and p[k][1] == c[k][1]:
+        k += 1
+    spans: dict[CodeType, tuple[int, int]] = {}
+    if k < len(p) and k < len(c) and p[k][0] is c[k][0]:
+        spans[p[k][0]] = (min(p[k][1], c[k][1]), max(p[k][1], c[k][1]))
+        k_p = k_c = k + 1
+    else:
+        if k > 0:
+            spans[p[k - 1][0]] = (p[k - 1][1], p[k - 1][1])
+        k_p = k_c = k
+    for code, line in p[k_p:]:
+        info = _function_branches(code)
+        lo, hi = spans.get(code, (line, line))
+        spans[code] = (min(lo, line), max(hi, info[1] if info else line))
+    for code, line in c[k_c:]:
+        info = _function_branches(code)
+        lo, hi = spans.get(code, (line, line))
+        spans[code] = (min(lo, info[0] if info else line), max(hi, line))
+    return spans
+
+
+def path_problem(region: Region, producers: Sequence[fx.Node], consumer: fx.Node) -> str | None:
+    """Whether the edge ``producer → consumer`` of a concrete graph holds on every path.
+
+    Symbolic graphs are exact. A concrete graph records one path; when Python took decisions on
+    the example's values, another input may take a branch that feeds ``consumer`` from elsewhere.
+    The edge is proven when no branch whose test depends on the input can change it: in each
+    user function on the two call stacks, no such branch overlaps the code that carries the
+    value (from the producer's call to the function's end, from the function's start to the
+    consumer's call, between the two calls in a shared frame)."""
+    if region.mode != "concrete" or not region.specialised:
+        return None
+    stacks = [n.meta.get("ns_stack") for n in (*producers, consumer)]
+    if any(s is None for s in stacks):
+        return "the concrete trace did not record where these modules are called"
+    *p_stacks, c_stack = stacks
+    for p_stack in p_stacks:
+        spans = _value_spans(p_stack, c_stack)
+        for code, (lo, hi) in spans.items():
+            info = _function_branches(code)
+            where = f"{os.path.basename(code.co_filename)}:{code.co_name}"
+            if info is None:
+                return (f"traced with concrete shapes, and the source of {where} is not "
+                        "available to prove the fold holds on other inputs")
+            for b_lo, b_hi, static, what in info[2]:
+                if not static and b_lo <= hi and b_hi >= lo:
+                    return (f"traced with concrete shapes, and {where} line {b_lo} branches "
+                            f"({what}) on values that depend on the input: the example took "
+                            "one path, another input may feed this BatchNorm differently")
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Ranks proved from the graph
+# ----------------------------------------------------------------------------------------
+_RANK_KEEPING_FUNCS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu,
+                       torch.nn.functional.relu6, torch.nn.functional.silu,
+                       torch.nn.functional.gelu, torch.nn.functional.hardswish,
+                       torch.nn.functional.leaky_relu, torch.nn.functional.dropout,
+                       torch.nn.functional.elu, torch.sigmoid}
+_RANK_KEEPING_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "float", "clone", "detach"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _infer_ranks(region: Region, node: fx.Node) -> frozenset[int] | None:
+    def of(x: Any) -> frozenset[int] | None:
+        return region.ranks(x) if isinstance(x, fx.Node) else None
+
+    from .rules.checks import ELEMENTWISE
+
+    if node.op == "call_module":
+        m = region.submodule(node.target)
+        src = of(node.args[0]) if node.args else None
+        if isinstance(m, nn.Flatten):
+            return frozenset({m.start_dim + 1}) if m.start_dim >= 0 and m.end_dim == -1 else None
+        conv_dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.AdaptiveAvgPool2d: 2,
+                     nn.AdaptiveMaxPool2d: 2, nn.AvgPool2d: 2, nn.MaxPool2d: 2,
+                     nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool3d: 3}
+        d = conv_dims.get(type(m))
+        if d is not None:  # batched (N, C, *d) or unbatched (C, *d)
+            ok = frozenset({d + 1, d + 2})
+            return ok if src is None else (src & ok) or None
+        if isinstance(m, (nn.Linear, *ELEMENTWISE)) or is_batchnorm(m):
+            return src
+        return None
+    if node.op == "call_function":
+        if node.target is torch.flatten:
+            start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+            return frozenset({start + 1}) if isinstance(start, int) and start >= 0 and (
+                end == -1) else None
+        if node.target in _RANK_KEEPING_FUNCS or node.target in (
+                torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.avg_pool2d,
+                torch.nn.functional.max_pool2d):
+            src = of(node.args[0]) if node.args else None
+            if node.target in _RANK_KEEPING_FUNCS:
+                return src
+            ok = frozenset({3, 4})
+            return ok if src is None else (src & ok) or None
+        if node.target in (torch.mean, torch.sum, torch.amax, torch.amin):
+            return _reduced(of(node.args[0]) if node.args else None, _arg(node, 1, "dim"),
+                            _arg(node, 2, "keepdim", False))
+        return None
+    if node.op == "call_method":
+        src = of(node.args[0]) if node.args else None
+        if node.target in ("view", "reshape"):
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+            return frozenset({len(sizes)}) if sizes else None
+        if node.target == "flatten":
+            start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
+            return frozenset({start + 1}) if isinstance(start, int) and start >= 0 and (
+                end == -1) else None
+        if node.target in _REDUCTIONS:
+            return _reduced(src, _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False))
+        if node.target in _RANK_KEEPING_METHODS:
+            return src
+    return None
+
+
+def _reduced(src: frozenset[int] | None, dim: Any, keepdim: Any) -> frozenset[int] | None:
+    """Rank after reducing ``dim`` (an int or tuple of non-negative ints)."""
+    dims = (dim,) if isinstance(dim, int) else dim
+    if not isinstance(dims, (tuple, list)) or not dims or not all(
+            isinstance(d, int) for d in dims) or keepdim is not False:
+        return src if keepdim is True else None
+    if any(d < 0 for d in dims):
+        return None if src is None else frozenset(r - len(dims) for r in src)
+    need = max(dims) + 1
+    if src is None:
+        return None
+    return frozenset(r - len(dims) for r in src if r >= need) or None

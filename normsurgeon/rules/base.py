@@ -151,6 +151,7 @@ class Context:
     scripted: dict[int, str] = field(default_factory=dict)  # id -> enclosing TorchScript module
     target: nn.Module | None = None  # the model rewrites edit (the copy; ``model`` is analysed)
     _table: dict[str, nn.Module] | None = field(default=None, repr=False)
+    _reads: dict[int, list[tuple[str, fx.Node]]] | None = field(default=None, repr=False)
     _table_root: nn.Module | None = field(default=None, repr=False)
 
     def target_module(self, qualname: str) -> nn.Module:
@@ -189,6 +190,69 @@ class Context:
             for n in r.graph.nodes:
                 if n.op == "call_module":
                     self.call_counts[id(r.submodule(n.target))] += 1
+
+    def _attr_reads(self) -> dict[int, list[tuple[str, fx.Node]]]:
+        """``{id(obj): [(qualified get_attr path, node)]}`` for every object a graph reads with
+        ``get_attr``, including each module the dotted path passes through."""
+        if self._reads is None:
+            self._reads = {}
+            for r in self.regions:
+                for n in r.graph.nodes:
+                    if n.op != "get_attr" or n.target in r.constants:
+                        continue
+                    obj: Any = r.module
+                    for atom in str(n.target).split("."):
+                        obj = getattr(obj, atom, None)
+                        if obj is None:
+                            break
+                        self._reads.setdefault(id(obj), []).append((r.qualname(n.target), n))
+        return self._reads
+
+    def other_readers_problem(self, site: BNSite, layers: list[nn.Module]) -> str | None:
+        """Why something besides the fold reads what it changes: the layers' weight and bias,
+        the BN module (it is removed) and its tensors. Reads seen in traced graphs are exact;
+        an untraceable ancestor's forward is checked by its source text."""
+        changed: list[Any] = []
+        for layer in layers:
+            changed += [layer, layer.weight, layer.bias]
+        if site.module is not None:
+            changed += [site.module, *site.module._parameters.values(),
+                        *site.module._buffers.values()]
+        reads = self._attr_reads()
+        for obj in changed:
+            if obj is None:
+                continue
+            for path, node in reads.get(id(obj), ()):
+                if site.node is not None and set(node.users) <= {site.node}:
+                    continue  # F.batch_norm's own arguments
+                return (f"forward also reads {path} directly (get_attr); the fold would change "
+                        "what it reads")
+        return self.untraced_ancestor_problem(site.region.name if site.region else "",
+                                              ["weight", "bias", "running_mean", "running_var"])
+
+    def untraced_ancestor_problem(self, region_name: str, attrs: list[str]) -> str | None:
+        """A region below untraceable modules: their forwards were never traced, so refuse when
+        their source could read ``attrs`` (or the source is unavailable)."""
+        if not region_name:
+            return None
+        parts = region_name.split(".")
+        for i in range(len(parts)):
+            anc = ".".join(parts[:i])
+            if not self.status.get(anc, "").startswith("untraceable"):
+                continue
+            mod = self.model.get_submodule(anc) if anc else self.model
+            src = _forward_source(type(mod))
+            who = anc or "<model>"
+            if src is None:
+                return (f"the forward of {who} could not be traced and its source is not "
+                        "available, so other readers of these weights cannot be ruled out; "
+                        "pass example_inputs")
+            hit = next((a for a in attrs + _GENERIC_READS if f".{a}" in src
+                        or f"'{a}'" in src or f'"{a}"' in src), None)
+            if hit is not None:
+                return (f"the forward of {who} could not be traced and its source reads "
+                        f"'{hit}'; other readers of these weights cannot be ruled out")
+        return None
 
     def module_of(self, region: Region, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module":
@@ -285,6 +349,24 @@ class Context:
             site.running_mean = None  # makes stats_problem() report it
             site.kind = "F.batch_norm (non-constant arguments)"
         return site
+
+
+_GENERIC_READS = ["parameters(", "named_parameters", "state_dict", "buffers(", "named_buffers",
+                  "__dict__", "getattr("]
+_sources: dict[type, str | None] = {}
+
+
+def _forward_source(cls: type) -> str | None:
+    """The source of ``cls.forward`` and of every method of the class (a forward may delegate
+    to helpers), or ``None`` when unavailable."""
+    if cls not in _sources:
+        try:
+            _sources[cls] = "\n".join(
+                inspect.getsource(k) for k in cls.__mro__
+                if k.__module__.split(".")[0] != "torch" and k is not object)
+        except (OSError, TypeError):
+            _sources[cls] = None
+    return _sources[cls]
 
 
 def _get_attr(r: Region, target: str) -> Any:

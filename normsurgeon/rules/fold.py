@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from .. import functional as Fn
 from ..report import Action, SiteRecord
-from ..tracing import value_users
+from ..tracing import path_problem, value_users
 from .base import BNSite, Context, Decision, Rule, Transform
 from .checks import bn_behaviour, hook_problem
 
@@ -91,7 +91,8 @@ class _FoldRule(Rule):
             if value_users(site.node) != [m.layer_node]:
                 return "BatchNorm output has several users"
         problem = (_standard_layer_problem(layer, self.layers)
-                   or ctx.single_call_problem(layer, what))
+                   or ctx.single_call_problem(layer, what)
+                   or ctx.other_readers_problem(site, [layer]))
         if problem:
             return problem
         if site.module is not None:
@@ -103,6 +104,12 @@ class _FoldRule(Rule):
             return (f"BatchNorm has {site.num_features} features but {what} has {channels} "
                     f"{'output' if self.direction == 'producer' else 'input'} channels")
         problem = self.specific(ctx, m)
+        if problem:
+            return problem
+        if self.direction == "producer":
+            problem = path_problem(site.region, [m.layer_node], site.node)
+        else:
+            problem = path_problem(site.region, [site.node], m.layer_node)
         if problem:
             return problem
         m.result_of = layer.weight
@@ -142,13 +149,36 @@ class _FoldRule(Rule):
 
 
 def _two_dim_problem(site: BNSite, node: fx.Node | None, what: str) -> str | None:
-    shape = site.region.output_shape(node) if node is not None else None
-    if shape is None:
+    ranks = site.region.ranks(node) if node is not None else None
+    if ranks is None or len(ranks) != 1:
         return (f"cannot prove the {what} tensor is 2-D (N, F), the only layout where the "
                 "BatchNorm channel axis is the Linear feature axis; pass example_inputs")
-    if len(shape) != 2:
-        return (f"{what} tensor has shape {tuple(shape)}: BatchNorm normalizes axis 1, the "
-                "Linear acts on the last axis; folding would be wrong")
+    if ranks != {2}:
+        shape = site.region.output_shape(node)
+        return (f"{what} tensor has {f'shape {tuple(shape)}' if shape else f'rank {min(ranks)}'}"
+                ": BatchNorm normalizes axis 1, the Linear acts on the last axis; folding "
+                "would be wrong")
+    return None
+
+
+def _batched_problem(site: BNSite, layer: nn.Module, node: fx.Node) -> str | None:
+    """Conv ↔ BN folds need the batched layout (N, C, ...): on an unbatched (C, ...) tensor the
+    BN's channel axis is the conv's first spatial axis. BatchNorm2d/3d reject such inputs
+    themselves; BatchNorm1d accepts (C, L) when L happens to equal C, and look-alikes check
+    nothing, so the rank must be proven (example shapes or the graph)."""
+    want = layer.weight.dim()
+    if type(site.module) in (nn.BatchNorm2d, nn.BatchNorm3d):
+        return None  # they reject any rank but 4 / 5 themselves: no proof needed
+    ranks = site.region.ranks(node)
+    if ranks is not None and ranks == {want}:
+        return None
+    if ranks is not None and want not in ranks:
+        return (f"the tensor between {type(layer).__name__} and BatchNorm is unbatched "
+                f"(rank {min(ranks)}, not {want}): BatchNorm's channel axis would be the "
+                "conv's spatial axis")
+    if ranks is not None and len(ranks) > 1 and isinstance(site.module, nn.BatchNorm1d):
+        return ("cannot prove the tensor between Conv1d and BatchNorm1d is batched (N, C, L); "
+                "on an unbatched (C, L) tensor BatchNorm1d normalizes L; pass example_inputs")
     return None
 
 
@@ -160,6 +190,9 @@ class ConvBN(_FoldRule):
 
     def channels(self, layer: nn.Module) -> int:
         return layer.out_channels
+
+    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
+        return _batched_problem(m.site, m.layer, m.layer_node)
 
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
         s, t = m.site.scale_shift()
@@ -174,6 +207,9 @@ class ConvTransposeBN(_FoldRule):
 
     def channels(self, layer: nn.Module) -> int:
         return layer.out_channels
+
+    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
+        return _batched_problem(m.site, m.layer, m.layer_node)
 
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
         s, t = m.site.scale_shift()
@@ -210,6 +246,9 @@ class BNConv(_FoldRule):
 
     def specific(self, ctx: Context, m: FoldMatch) -> str | None:
         conv = m.layer
+        problem = _batched_problem(m.site, conv, m.site.node)
+        if problem:
+            return problem
         if conv.padding_mode != "zeros":
             return None
         pad = conv.padding
@@ -308,10 +347,18 @@ class CatConvBN(Rule):
                        or ctx.single_call_problem(layer, what))
             if problem:
                 return problem
+        problem = ctx.other_readers_problem(m.site, m.layers)
+        if problem:
+            return problem
         if m.site.module is not None:
             problem = ctx.single_call_problem(m.site.module, "BatchNorm")
             if problem and "parameters are shared" not in problem:
                 return problem
+        problem = path_problem(m.site.region, m.layer_nodes, m.site.node) or next(
+            (p for p in (_batched_problem(m.site, layer, node)
+                         for layer, node in zip(m.layers, m.layer_nodes)) if p), None)
+        if problem:
+            return problem
         total = sum(layer.out_channels for layer in m.layers)
         if total != m.site.num_features:
             return f"BatchNorm has {m.site.num_features} features, the concatenation {total}"
