@@ -184,6 +184,7 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     transform = get_transform(to)(**options)
+    transform.validate_model(model)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     inputs = None if example_inputs is None else as_inputs(example_inputs, "example_inputs")
     if transform.needs_eval and model.training:

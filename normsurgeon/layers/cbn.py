@@ -23,7 +23,8 @@ from ..onnx.ops import current_export_mode, record_cbn_rank
 from ._common import NormStatsMixin, instance_moments, per_sample_affine
 
 __all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d",
-           "ConditionSpec", "check_condition", "ConditionSlot"]
+           "ConditionSpec", "check_condition", "ConditionSlot", "ConditionCheck",
+           "unambiguous_batch"]
 
 
 class ConditionSpec:
@@ -45,9 +46,10 @@ class ConditionSpec:
 def check_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> None:
     """Raise :class:`ConditionError` (a ValueError) naming the expected shape, or
     ``TypeError`` when the condition is missing or not a tensor."""
-    if (torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+    if (torch.jit.is_tracing() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export()):
         return  # shapes are symbolic here; the exported graph is checked by verify_onnx
+    compiling = torch.compiler.is_compiling()  # static checks only: no value reads, no sync
     n = batch if batch is not None else "N"
     if cond is None:
         raise TypeError(f"missing condition: expected {spec.describe(n)}")
@@ -61,7 +63,8 @@ def check_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> None:
         if cond.dim() != 1:
             raise ConditionError(f"condition has shape {tuple(cond.shape)}; expected "
                                  f"{spec.describe(n)}")
-        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= spec.num_classes):
+        if not compiling and cond.numel() and (int(cond.min()) < 0
+                                               or int(cond.max()) >= spec.num_classes):
             raise ConditionError(f"condition labels out of range [{int(cond.min())}, "
                                  f"{int(cond.max())}]; expected {spec.describe(n)}")
     else:
@@ -74,6 +77,33 @@ def check_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> None:
     if batch is not None and cond.shape[0] != batch:
         raise ConditionError(f"condition has batch size {cond.shape[0]} but the input has "
                              f"{batch}; expected {spec.describe(n)}")
+
+
+def unambiguous_batch(inputs: Any) -> int | None:
+    """The batch size of a model's inputs when they agree on it: the leading size shared by
+    every tensor input of rank ≥ 1, else ``None`` (then each CBN checks the batch it sees)."""
+    if (torch.jit.is_tracing() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+        return None  # int() of a symbolic size would specialise the batch axis
+    sizes = {int(a.shape[0]) for a in inputs if isinstance(a, Tensor) and a.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+class ConditionCheck(nn.Module):
+    """``check(cond, *inputs)``: validate the condition before any computation and return it.
+    A module (a leaf for fx) so that a pickled GraphModule re-traces it as a call."""
+
+    def __init__(self, cond_dim: int, num_classes: int | None) -> None:
+        super().__init__()
+        self.cond_dim, self.num_classes = cond_dim, num_classes
+
+    def forward(self, cond: Any, *inputs: Any) -> Any:
+        check_condition(cond, unambiguous_batch(inputs),
+                        ConditionSpec(self.cond_dim, self.num_classes))
+        return cond
+
+    def extra_repr(self) -> str:
+        return f"cond_dim={self.cond_dim}, num_classes={self.num_classes}"
 
 
 class ConditionSlot:

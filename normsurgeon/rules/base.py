@@ -425,6 +425,9 @@ class Transform:
     def plan(self, ctx: Context, site: BNSite) -> Decision:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def validate_model(self, model: nn.Module) -> None:
+        """Raise when ``model`` cannot take this transform at all (before any analysis)."""
+
     def apply(self, ctx: Context, decision: Decision) -> SiteRecord:
         assert decision.rule is not None
         return decision.rule.rewrite(ctx, decision.match)

@@ -16,20 +16,23 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import NormSurgeonError
 from ..layers.cbn import (
     ConditionalBatchNorm1d,
     ConditionalBatchNorm2d,
     ConditionalBatchNorm3d,
+    ConditionCheck,
     ConditionSlot,
     ConditionSpec,
     check_condition,
+    unambiguous_batch,
 )
 from ..layers.rbn import RepresentativeBatchNorm2d
 from ..report import Action, ConversionReport, SiteRecord
 from .base import BNSite, Context, Decision, Rule, Transform
 from .checks import hook_problem
 
-__all__ = ["CBNTransform", "RBNTransform", "ConditionedForward"]
+__all__ = ["CBNTransform", "RBNTransform", "ConditionedForward", "takes_condition"]
 
 
 class ReplaceBN(Rule):
@@ -168,8 +171,18 @@ class CBNTransform(_ReplaceTransform):
             return torch.arange(batch) % self.spec.num_classes
         return torch.randn(batch, self.spec.cond_dim)
 
+    def validate_model(self, model: nn.Module) -> None:
+        if takes_condition(model):
+            raise NormSurgeonError(
+                f"{type(model).__name__} already takes a condition (it holds Conditional "
+                "BatchNorm layers); converting it to CBN again would add a second condition "
+                "argument. Convert the original model instead")
+
     def call(self, model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-        batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)), 1)
+        batch = unambiguous_batch(inputs)
+        if batch is None:
+            batch = next((x.shape[0] for x in inputs
+                          if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
         return model(*inputs, self.example_condition(batch))
 
     def finalize(self, model: nn.Module, ctx: Context, report: ConversionReport) -> nn.Module:
@@ -202,32 +215,64 @@ def _can_thread(graph: fx.Graph) -> bool:
         str(n.target).startswith("*") for n in phs)
 
 
-def validate_condition(cond: Any, x: Any, cond_dim: int, num_classes: int | None) -> Any:
-    """Graph node inserted before any computation: check ``cond`` against input ``x``."""
-    batch = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else None
-    check_condition(cond, batch, ConditionSpec(cond_dim, num_classes))
-    return cond
-
-
-torch.fx.wrap("validate_condition")
-
-
 def _thread_condition(region: Any, model: nn.Module, spec: ConditionSpec) -> nn.Module:
     graph = region.graph
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(phs[-1]):
         cond = graph.placeholder("cond")
     with graph.inserting_after(cond):
-        checked = graph.call_function(validate_condition,
-                                      (cond, phs[0], spec.cond_dim, spec.num_classes))
+        checked = graph.call_module("condition_check", (cond, *phs))
     for n in graph.nodes:
-        if n.op == "call_module" and isinstance(model.get_submodule(n.target),
-                                                tuple(_CBN_FOR.values())):
+        if n.op == "call_module" and n.target != "condition_check" and isinstance(
+                model.get_submodule(n.target), tuple(_CBN_FOR.values())):
             n.args = (n.args[0], checked)
     graph.lint()
-    gm = region.graph_module(root=model)
+    model.add_module("condition_check", ConditionCheck(spec.cond_dim, spec.num_classes))
+    try:  # GraphModule copies the modules its graph calls from the root
+        gm = region.graph_module(root=model)
+    finally:
+        delattr(model, "condition_check")
     gm.recompile()
     return gm
+
+
+def _conditioned_class(base: type) -> type:
+    """``Conditioned<Base>``: ``base`` whose forward takes a trailing condition (one class per
+    base, made on first use; instances pickle as ``(base, state)``, so the class need not be
+    importable)."""
+    sub = ConditionedForward._classes.get(base)
+    if sub is not None:
+        return sub
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not args:
+            raise TypeError(f"missing condition: expected model(*inputs, cond) with cond "
+                            f"{self._ns_spec.describe()}")
+        *inputs, cond = args
+        if not inputs:
+            raise TypeError("expected model(*inputs, cond): got only one argument")
+        check_condition(cond, unambiguous_batch(inputs), self._ns_spec)
+        self._ns_slot.value = cond
+        try:
+            return base.forward(self, *inputs, **kwargs)
+        finally:
+            self._ns_slot.value = None
+
+    def __reduce_ex__(self: nn.Module, protocol: int) -> Any:
+        return (_new_conditioned, (base,), self.__getstate__())
+
+    sub = type(f"Conditioned{base.__name__}", (base,),
+               {"forward": forward, "__reduce_ex__": __reduce_ex__,
+                "__module__": base.__module__, "_ns_conditioned": True,
+                "__doc__": f"{base.__name__} whose forward takes a trailing condition."})
+    ConditionedForward._classes[base] = sub
+    return sub
+
+
+def _new_conditioned(base: type) -> nn.Module:
+    """Unpickling / deepcopy: an empty ``Conditioned<base>``; its state is set after."""
+    cls = _conditioned_class(base)
+    return cls.__new__(cls)
 
 
 class ConditionedForward:
@@ -239,33 +284,16 @@ class ConditionedForward:
 
     @classmethod
     def wrap(cls, model: nn.Module, cbns: list[nn.Module], spec: ConditionSpec) -> nn.Module:
-        base = type(model)
-        sub = cls._classes.get(base)
-        if sub is None:
-            def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-                if not args:
-                    raise TypeError(f"missing condition: expected model(*inputs, cond) with cond "
-                                    f"{self._ns_spec.describe()}")
-                *inputs, cond = args
-                batch = next((a.shape[0] for a in inputs
-                              if isinstance(a, torch.Tensor) and a.dim() > 0), None)
-                if not inputs:
-                    raise TypeError("expected model(*inputs, cond): got only one argument")
-                check_condition(cond, batch, self._ns_spec)
-                self._ns_slot.value = cond
-                try:
-                    return base.forward(self, *inputs, **kwargs)
-                finally:
-                    self._ns_slot.value = None
-
-            sub = type(f"Conditioned{base.__name__}", (base,),
-                       {"forward": forward, "__module__": base.__module__,
-                        "__doc__": f"{base.__name__} whose forward takes a trailing condition."})
-            cls._classes[base] = sub
         slot = ConditionSlot()
-        model.__class__ = sub
+        model.__class__ = _conditioned_class(type(model))
         model._ns_slot = slot  # type: ignore[assignment]
         model._ns_spec = spec  # type: ignore[assignment]
         for m in cbns:
             m._slot = slot
         return model
+
+
+def takes_condition(model: nn.Module) -> bool:
+    """Whether ``model`` is already a CBN model: it holds Conditional BatchNorm layers (the
+    condition is threaded or set by a subclassed forward)."""
+    return any(isinstance(m, tuple(_CBN_FOR.values())) for m in model.modules())
