@@ -11,6 +11,7 @@ import logging
 from .api import ConversionResult, convert, convert_with_report, inspect
 from .errors import (
     ConditionError,
+    ConversionMismatchError,
     ExportError,
     ModelInTrainingModeError,
     NormSurgeonError,
@@ -68,6 +69,7 @@ __all__ = [
     "UnknownTransformError",
     "StrictModeError",
     "ConditionError",
+    "ConversionMismatchError",
     "ExportError",
     "VerificationError",
 ]

@@ -17,7 +17,12 @@ from torch.utils._pytree import tree_leaves
 
 from ._args import as_inputs
 from ._copy import deepcopy_module
-from .errors import ModelInTrainingModeError, NormSurgeonError, StrictModeError
+from .errors import (
+    ConversionMismatchError,
+    ModelInTrainingModeError,
+    NormSurgeonError,
+    StrictModeError,
+)
 from .functional import rel_error
 from .report import Action, ConversionReport, SiteRecord
 from .rules import get_transform
@@ -56,6 +61,7 @@ def convert(
     inplace: bool = False,
     strict: bool = False,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    check: bool = True,
     **options: Any,
 ) -> nn.Module:
     """Convert the BatchNorm layers of ``model`` and return the converted module.
@@ -72,13 +78,16 @@ def convert(
         strict: raise :class:`StrictModeError` listing every site that would be left alone,
             before anything is changed.
         leaf_modules: extra module types never traced into.
+        check: with ``example_inputs``, compare the converted model with the original and
+            raise :class:`ConversionMismatchError` beyond the bar (docs/bars.md); ``False``
+            only records the measured error in the report.
         **options: transform-specific options (e.g. ``cond_dim`` for ``to="cbn"``).
 
     The report is available through :func:`convert_with_report` or :func:`inspect`.
     """
     return convert_with_report(
         model, to, example_inputs=example_inputs, include=include, exclude=exclude,
-        inplace=inplace, strict=strict, leaf_modules=leaf_modules, **options,
+        inplace=inplace, strict=strict, leaf_modules=leaf_modules, check=check, **options,
     ).model
 
 
@@ -107,12 +116,13 @@ def convert_with_report(
     inplace: bool = False,
     strict: bool = False,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    check: bool = True,
     **options: Any,
 ) -> ConversionResult:
     """Like :func:`convert`, and also return the :class:`ConversionReport`
     (``model, report = convert_with_report(...)``)."""
     return _run(model, to, example_inputs, include, exclude, inplace=inplace, strict=strict,
-                leaf_modules=leaf_modules, options=options, dry_run=False)
+                leaf_modules=leaf_modules, options=options, dry_run=False, check=check)
 
 
 def _patterns(p: str | Sequence[str] | None, what: str) -> list[str] | None:
@@ -171,16 +181,16 @@ def _gc_paused() -> Iterator[None]:
 
 def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: Any, *,
          inplace: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
-         options: dict[str, Any], dry_run: bool) -> ConversionResult:
+         options: dict[str, Any], dry_run: bool, check: bool = False) -> ConversionResult:
     with _gc_paused():
         return _convert(model, to, example_inputs, include, exclude, inplace=inplace,
                         strict=strict, leaf_modules=leaf_modules, options=options,
-                        dry_run=dry_run)
+                        dry_run=dry_run, check=check)
 
 
 def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: Any, *,
              inplace: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
-             options: dict[str, Any], dry_run: bool) -> ConversionResult:
+             options: dict[str, Any], dry_run: bool, check: bool) -> ConversionResult:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     transform = get_transform(to)(**options)
@@ -281,10 +291,62 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
         _check_no_sharing(model, work)
     report.seconds = time.perf_counter() - t0
     if inputs is not None and ref_out is not None:
-        with torch.no_grad(), eval_mode(work):
-            report.max_rel_error = compare_outputs(transform.call(work, inputs), ref_out)
+        _self_check(model if not inplace else None, work, transform, inputs, ref_out, report,
+                    check)
     log.info("%s", report.summary())
     return ConversionResult(work, report)
+
+
+def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
+                inputs: tuple[Any, ...], ref_out: Any, report: ConversionReport,
+                check: bool) -> None:
+    """Compare the converted model with the original's outputs on the example inputs and
+    record ``report.max_rel_error`` and ``report.bar``; beyond the bar (or if the converted
+    model raises) raise :class:`ConversionMismatchError` unless ``check`` is False.
+
+    The bar (docs/bars.md): 1e-5 for folds, 1e-6 for CBN/RBN, 1e-2 when the model computes in
+    fp16/bf16; or 4x the original's own fp32-vs-float64 error where that is larger (measured
+    only when the fixed bar is exceeded: one float64 forward)."""
+    try:
+        with torch.no_grad(), eval_mode(work):
+            rel = compare_outputs(transform.call(work, inputs), ref_out)
+    except Exception as e:  # noqa: BLE001 - a converted model that raises is a mismatch
+        first = str(e).splitlines()[0] if str(e) else ""
+        msg = (f"the converted model raised {type(e).__name__}: {first} on the example inputs, "
+               "where the original ran")
+        if check:
+            raise ConversionMismatchError(msg + "; please report this", report=report) from e
+        log.warning("%s", msg)
+        return
+    report.max_rel_error = rel
+    dtypes = {p.dtype for p in work.parameters() if p.is_floating_point()}
+    bar = 1e-2 if dtypes & {torch.float16, torch.bfloat16} else (
+        1e-5 if transform.name == "fold" else 1e-6)
+    if rel > bar and original is not None:
+        bar = max(bar, 4 * _fp64_noise(original, inputs, ref_out))
+    report.bar = bar
+    if rel > bar or rel != rel:
+        msg = (f"the converted model differs from the original by rel {rel:.3e} on the example "
+               f"inputs, above the bar {bar:.1e} (docs/bars.md)")
+        if check:
+            raise ConversionMismatchError(
+                msg + "; this is a normsurgeon bug: please report it. Pass exclude= to find the "
+                "site, or check=False to get the model anyway", rel=rel, bar=bar, report=report)
+        log.warning("%s", msg)
+
+
+def _fp64_noise(model: nn.Module, inputs: tuple[Any, ...], ref_out: Any) -> float:
+    """rel of the original fp32 model against its float64 twin on ``inputs`` (0 if the model
+    cannot run in float64)."""
+    try:
+        twin = deepcopy_module(model).double()
+        args = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                     for x in inputs)
+        with torch.no_grad(), eval_mode(twin):
+            return compare_outputs(ref_out, twin(*args))
+    except Exception as e:  # noqa: BLE001 - the fixed bar then applies
+        log.debug("float64 twin failed: %s", e)
+        return 0.0
 
 
 def _check_no_sharing(model: nn.Module, work: nn.Module) -> None:

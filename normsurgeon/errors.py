@@ -14,6 +14,7 @@ __all__ = [
     "ConditionError",
     "ExportError",
     "VerificationError",
+    "ConversionMismatchError",
 ]
 
 
@@ -56,3 +57,15 @@ class VerificationError(NormSurgeonError):
     def __init__(self, message: str, result: object = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class ConversionMismatchError(NormSurgeonError):
+    """The self-check of :func:`normsurgeon.convert` found the converted model further from the
+    original than its numeric bar on the example inputs (or the converted model raised).
+    ``rel`` is the measured error, ``bar`` the allowed one, ``report`` the conversion report.
+    Pass ``check=False`` to get the model and the measured error instead."""
+
+    def __init__(self, message: str, rel: float | None = None, bar: float | None = None,
+                 report: object = None) -> None:
+        super().__init__(message)
+        self.rel, self.bar, self.report = rel, bar, report

@@ -49,13 +49,14 @@ class ConversionReport:
     region (``""`` is the whole model) to how it was traced: ``symbolic`` (torch.fx),
     ``concrete`` (fx with example values, shape-specialised, used for analysis only) or
     ``untraceable: <error>``. ``max_rel_error`` is ``rel(converted, original)`` on the example
-    inputs when they were given.
+    inputs when they were given, and ``bar`` the self-check's allowed error (docs/bars.md).
     """
 
     transform: str
     sites: list[SiteRecord] = field(default_factory=list)
     regions: dict[str, str] = field(default_factory=dict)
     max_rel_error: float | None = None
+    bar: float | None = None  # the self-check's allowed rel error (docs/bars.md)
     seconds: float = 0.0
     dry_run: bool = False
 
@@ -117,6 +118,7 @@ class ConversionReport:
             "transform": self.transform,
             "counts": self.counts,
             "max_rel_error": self.max_rel_error,
+            "bar": self.bar,
             "seconds": self.seconds,
             "dry_run": self.dry_run,
             "regions": dict(self.regions),
