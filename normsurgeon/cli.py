@@ -160,7 +160,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(report.table())
     left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     print(f"\nBatchNorm modules left: {left}; output max relative difference: "
-          f"{report.max_rel_error:.2e} (bar {report.bar:.0e}, docs/bars.md); took {report.seconds:.2f}s")
+          f"{report.max_rel_error:.2e} (bar {report.bar:.0e}, docs/bars.md); "
+          f"took {report.seconds:.2f}s")
     return EXIT_OK
 
 
