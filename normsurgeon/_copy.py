@@ -5,6 +5,8 @@ dozen (nearly always empty) hook ``OrderedDict``\\ s of each module: on ResNet-1
 reconstructions and a large share of ``convert``'s time. :func:`deepcopy_module` walks the module
 tree itself and produces the same result:
 
+* a TorchScript module is copied by :func:`copy_script_module` (``copy.deepcopy`` of one
+  returns non-leaf parameters);
 * a module whose class customises copying (``__deepcopy__``, ``__reduce_ex__``/``__reduce__``,
   a ``copyreg`` entry, or a ``__getstate__`` that returns no dict) goes through
   ``copy.deepcopy`` unchanged;
@@ -61,6 +63,9 @@ def _copy_module(m: nn.Module, memo: dict[int, Any]) -> nn.Module:
     hit = memo.get(id(m))
     if hit is not None:
         return hit
+    if isinstance(m, torch.jit.ScriptModule):
+        memo[id(m)] = new = copy_script_module(m)
+        return new
     cls = type(m)
     if not _plain(cls):
         return copy.deepcopy(m, memo)
@@ -123,3 +128,18 @@ def _copy_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
     new = t.new_empty([]).set_(new_storage, t.storage_offset(), t.size(), t.stride())
     memo[id(t)] = new
     return new
+
+
+def copy_script_module(m: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A copy of a scripted or traced module through ``torch.jit.save`` / ``load``.
+
+    ``copy.deepcopy`` of a ``RecursiveScriptModule`` returns one whose parameters are non-leaf
+    tensors (``requires_grad_`` then raises and the copy cannot be trained); the serialised
+    round trip gives real, independent Parameters, the same code and the same training flags."""
+    import io
+
+    buf = io.BytesIO()
+    torch.jit.save(m, buf)
+    buf.seek(0)
+    device = next((t.device for t in list(m.parameters()) + list(m.buffers())), None)
+    return torch.jit.load(buf, map_location=device)

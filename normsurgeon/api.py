@@ -158,7 +158,23 @@ def compare_outputs(out: Any, ref: Any) -> float:
     b = [t for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
     if len(a) != len(b):
         raise NormSurgeonError(f"converted model returned {len(a)} tensors, original {len(b)}")
-    return max((rel_error(x, y) for x, y in zip(a, b)), default=0.0)
+    return max((_rel_finite(x, y) for x, y in zip(a, b)), default=0.0)
+
+
+def _rel_finite(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """rel error over the finite entries, when both have the same non-finite entries (a model
+    whose original output holds NaN/inf, e.g. from non-finite statistics left unfolded);
+    inf when the non-finite entries differ."""
+    if y.shape != ref.shape:
+        return float("inf")
+    bad = ~torch.isfinite(ref)
+    if not bool(bad.any()):
+        return rel_error(y, ref)
+    same = torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(
+        torch.where(torch.isnan(ref), 0, y)[bad], torch.where(torch.isnan(ref), 0, ref)[bad])
+    if not same:
+        return float("inf")
+    return rel_error(y[~bad], ref[~bad])
 
 
 @contextlib.contextmanager

@@ -41,10 +41,10 @@ def model_fingerprint(model: nn.Module) -> dict[str, object]:
     "never touches your model" promise (see ``docs/invariants.md``)."""
     out: dict[str, object] = {}
     for qual, m in model.named_modules(remove_duplicate=False):
-        out[f"module {qual}"] = (
-            type(m), m.training, tuple(m._forward_hooks.values()),
-            tuple(m._forward_pre_hooks.values()), tuple(m._backward_hooks.values()),
-            tuple(m._modules))
+        hooks = tuple(tuple(getattr(m, k, {}).values()) for k in (
+            "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+        out[f"module {qual}"] = (type(m), m.training, hooks,
+                                 tuple(name for name, _ in m.named_children()))
         for kind, store in (("param", m._parameters), ("buffer", m._buffers)):
             for name, t in store.items():
                 if t is None:

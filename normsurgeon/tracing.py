@@ -506,8 +506,15 @@ def _static_test(node: ast.AST | None) -> bool:
     if isinstance(node, ast.Compare):
         return all(_static_test(v) or (isinstance(v, ast.Constant) and v.value is None)
                    for v in [node.left, *node.comparators])
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+            node.func.attr in ("values", "items", "keys", "children", "named_children")):
+        return _static_test(node.func.value)  # self._modules.values(), self.blocks.children()
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "zip":
+        # a zip is as long as its shortest argument: one fixed by the module bounds the loop
+        # (docs/folding.md: the one assumption of the path analysis)
+        return any(_static_test(a) for a in node.args)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
-            "range", "len", "enumerate", "zip", "isinstance", "hasattr", "getattr"):
+            "range", "len", "enumerate", "isinstance", "hasattr", "getattr"):
         return all(_static_test(a) or isinstance(a, ast.Name) and a.id in (
             "int", "float", "str", "tuple", "list", "dict") for a in node.args)
     return False

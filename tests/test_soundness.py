@@ -404,3 +404,29 @@ def test_self_check_raises_on_a_wrong_result(monkeypatch):
         ns.convert(model, example_inputs=X)
     out, report = ns.convert_with_report(model, example_inputs=X, check=False)
     assert report.max_rel_error > FOLD_BAR  # measured and reported, not raised
+
+
+# --- found by the fuzzer (tests/test_fuzz.py) ---------------------------------------------
+def test_scripted_blocks_are_copied_with_real_parameters():
+    """copy.deepcopy of a ScriptModule gives non-leaf tensors; freeze_base then raised."""
+    model = prep(nn.Sequential(torch.jit.script(conv_bn())))
+    for to, opts in (("fold", {}), ("rbn", {"freeze_base": True}), ("cbn", {"cond_dim": 3})):
+        out = ns.convert(model, to, **opts)
+        assert all(p.is_leaf for p in out.parameters()), to
+        assert shared_storage(model, out) == []
+
+
+def test_cbn_of_a_model_without_replaceable_bn_is_still_recognised():
+    """A CBN conversion that replaced nothing still added a condition; doing it again added a
+    second one."""
+    model = prep(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()))
+    cbn = ns.convert(model, "cbn", cond_dim=3)
+    with pytest.raises(ns.NormSurgeonError, match="already takes a condition"):
+        ns.convert(cbn, "cbn", cond_dim=3)
+
+
+def test_self_check_accepts_nan_where_the_original_has_nan():
+    model = prep(conv_bn())
+    model[4].running_var[0] = float("nan")  # left unfolded, NaN in both outputs
+    out, report = ns.convert_with_report(model, example_inputs=X)
+    assert report["4"].action == "skipped" and report.max_rel_error <= FOLD_BAR

@@ -294,6 +294,8 @@ class ConditionedForward:
 
 
 def takes_condition(model: nn.Module) -> bool:
-    """Whether ``model`` is already a CBN model: it holds Conditional BatchNorm layers (the
-    condition is threaded or set by a subclassed forward)."""
-    return any(isinstance(m, tuple(_CBN_FOR.values())) for m in model.modules())
+    """Whether ``model`` already takes a condition: it holds Conditional BatchNorm layers, or
+    its forward was given a condition argument by an earlier conversion (threaded through a
+    graph with a ``condition_check``, or a subclassed forward), even one that replaced none."""
+    return (getattr(type(model), "_ns_conditioned", False)
+            or any(isinstance(m, (ConditionCheck, *_CBN_FOR.values())) for m in model.modules()))

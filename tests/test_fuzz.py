@@ -1,0 +1,107 @@
+"""The model fuzzer: random models from tests/fuzz_models.py, every transform, every invariant
+of docs/invariants.md.
+
+CI runs a fixed budget (``NS_FUZZ_EXAMPLES``, default 30 models per test); the long mode is
+``NS_FUZZ_EXAMPLES=500 .venv/bin/python -m pytest tests/test_fuzz.py``. Every failure it finds
+becomes a regression test in tests/test_soundness.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from torch import nn
+
+import normsurgeon as ns
+from normsurgeon.functional import rel_error
+from normsurgeon.layers import RepresentativeBatchNorm2d
+from normsurgeon.testing import model_fingerprint, shared_storage
+from normsurgeon.tracing import is_batchnorm
+
+from .fuzz_models import fuzz_models
+
+EXAMPLES = int(os.environ.get("NS_FUZZ_EXAMPLES", "30"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 30,
+                suppress_health_check=list(HealthCheck), print_blob=True)
+
+
+def _outputs(model: nn.Module, *args: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(*args)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _noise(model: nn.Module, x: torch.Tensor) -> float:
+    """The model's own fp32-vs-float64 error (0 for float64 models)."""
+    import copy
+
+    if x.dtype == torch.float64:
+        return 0.0
+    twin = copy.deepcopy(model).double()
+    return max(rel_error(a, b) for a, b in zip(_outputs(model, x), _outputs(twin, x.double())))
+
+
+def _inputs(recipe: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(recipe["seed"])
+    x = torch.randn(2, 3, 8, 8, generator=g).to(recipe["dtype"])
+    other = torch.randn(3, 3, 7, 9, generator=g).to(recipe["dtype"]) * 2  # other N, H, W parity
+    if recipe["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, other
+
+
+def _check_invariants(model: nn.Module, recipe: dict, to: str, with_inputs: bool) -> None:
+    x, other = _inputs(recipe)
+    opts = {"cond_dim": 3} if to == "cbn" else {}
+    before = model_fingerprint(model)
+    out, report = ns.convert_with_report(model, to, example_inputs=x if with_inputs else None,
+                                         **opts)
+    # 1. the user's model is untouched and shares nothing with the result
+    assert model_fingerprint(model) == before, recipe
+    assert shared_storage(model, out) == [], recipe
+    # 2. every BatchNorm is in the report once; every refusal says why
+    bns = {q for q, m in model.named_modules() if is_batchnorm(m)}
+    assert {s.name for s in report.sites} >= bns, (recipe, report.table())
+    assert all(s.reason for s in report.sites if s.action == "skipped"), report.table()
+    # 3. the result equals the original within the bar, on the example and on another shape
+    bar = 1e-5 if to == "fold" else 1e-6
+    for inp in (x, other):
+        args = (inp, torch.randn(inp.shape[0], 3, dtype=inp.dtype)) if to == "cbn" else (inp,)
+        got, ref = _outputs(out, *args), _outputs(model, inp)
+        assert len(got) == len(ref)
+        rel = max(rel_error(a, b) for a, b in zip(got, ref))
+        if rel > bar:
+            allowed = max(bar, 4 * _noise(model, inp))
+            assert rel <= allowed, (recipe, to, tuple(inp.shape), rel, allowed, report.table())
+    # 4. converting twice: a no-op, or a clear refusal
+    if to == "cbn":
+        with pytest.raises(ns.NormSurgeonError, match="already takes a condition"):
+            ns.convert(out, "cbn", cond_dim=3)
+        return
+    again, report2 = ns.convert_with_report(out, to, example_inputs=x if with_inputs else None,
+                                            **opts)
+    assert report2.counts.get("folded", 0) == 0 and report2.counts.get("replaced", 0) == 0, (
+        recipe, report2.table())
+    if to == "rbn":
+        assert all(isinstance(m, RepresentativeBatchNorm2d) or not isinstance(m, nn.BatchNorm2d)
+                   or any(s.name == q and s.action == "skipped" for s in report.sites)
+                   for q, m in out.named_modules())
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+@FUZZ
+@given(fuzz_models())
+def test_fuzz_fold(with_inputs, case):
+    model, recipe = case
+    _check_invariants(model, recipe, "fold", with_inputs)
+
+
+@FUZZ
+@given(fuzz_models())
+def test_fuzz_replace(case):
+    model, recipe = case
+    for to in ("rbn", "cbn"):
+        _check_invariants(model, recipe, to, True)
