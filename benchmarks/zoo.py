@@ -3,7 +3,7 @@
     python benchmarks/zoo.py                 # full sweep (~850 models), JSON lines to stdout
     python benchmarks/zoo.py resnet18 mixnet_s
 
-Each model gets random weights and randomized BN statistics (SPEC §6); "builds and runs" means
+Each model gets random weights and randomized BN statistics (docs/bars.md); "builds and runs" means
 the original model produced an output on a random input of its declared size.
 """
 
@@ -67,7 +67,7 @@ def example_input(model: nn.Module, batch: int = 1,
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics as in SPEC §6 so that folding is really exercised; eval mode."""
+    """Random BN statistics as in docs/bars.md so that folding is really exercised; eval mode."""
     from normsurgeon.testing import randomize_bn_stats
 
     return randomize_bn_stats(model, seed).eval()
@@ -103,7 +103,7 @@ def check(name: str, size: tuple[int, int] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         rec["rel"] = rel_error(_first(out(x)), _first(ref))
         if rec["rel"] > 1e-5:
-            # SPEC §6 second bar: how far is the *unconverted* fp32 model from its fp64 twin?
+            # docs/bars.md second bar: how far is the *unconverted* fp32 model from its fp64 twin?
             twin = copy.deepcopy(model).double()
             ref64 = twin(x.double())
             rec["fp64_rel"] = rel_error(_first(ref), _first(ref64))
@@ -131,7 +131,7 @@ def _first(y: Any) -> torch.Tensor:
 
 
 def within_bar(rec: dict[str, Any]) -> bool:
-    """SPEC §6 fold bar: rel ≤ 1e-5; for a model whose own fp32 output is further than that
+    """docs/bars.md fold bar: rel ≤ 1e-5; for a model whose own fp32 output is further than that
     from its fp64 twin (ill-conditioned random weights), rel ≤ 4× that baseline."""
     if rec["rel"] <= 1e-5:
         return True

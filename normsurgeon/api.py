@@ -153,7 +153,7 @@ def _with_bn_below(model: nn.Module) -> set[int]:
 
 
 def compare_outputs(out: Any, ref: Any) -> float:
-    """Max SPEC §6 relative error over every tensor in two (nested) outputs."""
+    """Max docs/bars.md relative error over every tensor in two (nested) outputs."""
     a = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     b = [t for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
     if len(a) != len(b):

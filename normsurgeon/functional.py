@@ -1,6 +1,6 @@
 r"""Pure tensor math for BatchNorm surgery. No ``nn.Module``, no FX.
 
-Eval-mode BatchNorm is a per-channel affine map (SPEC §1):
+Eval-mode BatchNorm is a per-channel affine map (docs/math.md):
 
 .. math::  y = s \odot x + t, \quad s = \gamma / \sqrt{\sigma^2_{run} + \epsilon},
            \quad t = \beta - \mu_{run} \odot s
@@ -177,7 +177,7 @@ def fold_bn_linear(
 
 
 def rel_error(y: Tensor, ref: Tensor) -> float:
-    r"""``max|y − ref| / max(max|ref|, 1e-12)`` (SPEC §6), computed in float64."""
+    r"""``max|y − ref| / max(max|ref|, 1e-12)`` (docs/bars.md), computed in float64."""
     y64, r64 = y.detach().to(torch.float64), ref.detach().to(torch.float64)
     if r64.numel() == 0:
         return 0.0

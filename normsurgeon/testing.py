@@ -12,7 +12,7 @@ __all__ = ["randomize_bn_stats", "model_fingerprint", "shared_storage"]
 
 def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm (look-alikes and normsurgeon layers included) trained-looking
-    statistics, in place (SPEC §6): running_mean ~ U(−1, 1), running_var ~ U(0.5, 2),
+    statistics, in place (docs/bars.md): running_mean ~ U(−1, 1), running_var ~ U(0.5, 2),
     γ ~ U(0.5, 1.5), β ~ U(−0.5, 0.5). Identity statistics would hide a wrong fold.
     Returns ``model``; its training/eval mode is unchanged."""
     g = torch.Generator().manual_seed(seed)

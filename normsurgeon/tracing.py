@@ -70,7 +70,7 @@ def _class_has(cls: type, name: str) -> bool:
 
 
 def is_batchnorm(m: nn.Module) -> bool:
-    """BatchNorm{1,2,3}d, SyncBatchNorm, or a frozen-BN look-alike (SPEC: a module with
+    """BatchNorm{1,2,3}d, SyncBatchNorm, or a frozen-BN look-alike (docs/folding.md: a module with
     ``running_mean``, ``running_var``, ``weight``, ``bias`` and ``eps`` that always normalizes with
     its running statistics, such as torchvision's ``FrozenBatchNorm2d``)."""
     if isinstance(m, _BatchNorm):

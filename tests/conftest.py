@@ -1,4 +1,4 @@
-"""Shared helpers: SPEC §6 tolerances and randomized BatchNorm statistics."""
+"""Shared helpers: docs/bars.md tolerances and randomized BatchNorm statistics."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ HALF_BAR = 1e-2          # fp16 / bf16 folding
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """SPEC §6 statistics (see :func:`normsurgeon.testing.randomize_bn_stats`)."""
+    """docs/bars.md statistics (see :func:`normsurgeon.testing.randomize_bn_stats`)."""
     return randomize_bn_stats(model, seed)
 
 
 def fp64_rel(model: nn.Module, *inputs: torch.Tensor) -> float:
-    """rel error of the fp32 model against its float64 twin (the SPEC's 4x reference)."""
+    """rel error of the fp32 model against its float64 twin (the 4x reference of docs/bars.md)."""
     import copy
 
     twin = copy.deepcopy(model).double()
@@ -32,7 +32,7 @@ def fp64_rel(model: nn.Module, *inputs: torch.Tensor) -> float:
 
 
 def assert_fold_exact(original: nn.Module, converted: nn.Module, *inputs: torch.Tensor) -> float:
-    """SPEC §6 fold bar: rel ≤ 1e-5 and ≤ 4× the fp32-vs-fp64 rel of the original."""
+    """docs/bars.md fold bar: rel ≤ 1e-5 and ≤ 4× the fp32-vs-fp64 rel of the original."""
     with torch.no_grad():
         ref = original(*inputs)
         out = converted(*inputs)

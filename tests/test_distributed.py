@@ -1,4 +1,4 @@
-"""CBN / RBN under DistributedDataParallel: gloo backend, 2 CPU processes (SPEC §4b)."""
+"""CBN / RBN under DistributedDataParallel: gloo backend, 2 CPU processes (docs/layers.md)."""
 
 from __future__ import annotations
 

@@ -116,7 +116,7 @@ def test_conv_called_twice_is_refused_and_fuse_is_wrong():
 
 
 class LinearOnNCL(nn.Module):
-    """Linear acts on L, BatchNorm1d on C: not a Linear → BN fold (SPEC §2)."""
+    """Linear acts on L, BatchNorm1d on C: not a Linear → BN fold (docs/math.md)."""
 
     def __init__(self, c: int = 8) -> None:
         super().__init__()

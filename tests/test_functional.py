@@ -88,7 +88,7 @@ def test_conv_transpose_bn_fold_is_exact(cfg, out_pad):
 
 @pytest.mark.parametrize("groups", [1, 2, 6])
 def test_conv_transpose_groups_cin_ne_cout(groups):
-    """SPEC: test g ∈ {1, 2, Cin} with Cin ≠ Cout."""
+    """docs/math.md: test g ∈ {1, 2, Cin} with Cin ≠ Cout."""
     cin, cout = 6, 12
     ref = nn.ConvTranspose2d(cin, cout, 3, stride=2, groups=groups).double()
     bn = _bn(cout, 2, True, 1)
@@ -116,7 +116,7 @@ def test_bn_conv_fold_exact_when_no_zero_padding(cfg):
 
 
 def test_bn_conv_zero_padding_is_not_exact():
-    """Why BN → Conv with zero padding is refused: the borders differ (SPEC measured ~0.6)."""
+    """Why BN → Conv with zero padding is refused: the borders differ (measured ~0.6)."""
     conv = nn.Conv2d(4, 4, 3, padding=1).double()
     bn = _bn(4, 2, True, 3)
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
@@ -169,7 +169,7 @@ def test_fused_fold_is_float64_math_rounded_once(dtype):
                           st.sampled_from([1e-5, 1e-3, 0.0])), min_size=1, max_size=6),
        st.integers(0, 99))
 def test_batched_scale_shift_equals_one_at_a_time(specs, seed):
-    """The batched (s, t) equals the SPEC §1 formula evaluated per BN in float64, to the bit
+    """The batched (s, t) equals the docs/math.md formula evaluated per BN in float64, to the bit
     (up to the sign of zero)."""
     g = torch.Generator().manual_seed(seed)
     stats = []

@@ -1,4 +1,4 @@
-"""ONNX export and onnxruntime verification (SPEC §5, §6)."""
+"""ONNX export and onnxruntime verification (docs/onnx.md, docs/bars.md)."""
 
 from __future__ import annotations
 

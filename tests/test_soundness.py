@@ -430,3 +430,26 @@ def test_self_check_accepts_nan_where_the_original_has_nan():
     model[4].running_var[0] = float("nan")  # left unfolded, NaN in both outputs
     out, report = ns.convert_with_report(model, example_inputs=X)
     assert report["4"].action == "skipped" and report.max_rel_error <= FOLD_BAR
+
+
+# --- numeric claims hold as stated (docs/bars.md) -------------------------------------------
+@pytest.mark.parametrize("name", ["resnet.resnet18", "regnet.regnety004",
+                                  "mobilenetv2.mobilenetv2_w1"])
+@pytest.mark.parametrize("to", ["cbn", "rbn"])
+def test_cbn_rbn_conversion_bar_on_pytorchcv(name, to):
+    """rel ≤ 1e-6, or ≤ 4x the model's own fp32-vs-float64 error where that is larger; the
+    self-check enforces the same bar (it raises otherwise)."""
+    pytest.importorskip("pytorchcv")
+    import importlib
+
+    module, fn = name.split(".")
+    model = prep(getattr(importlib.import_module(f"pytorchcv.models.{module}"), fn)())
+    x = torch.randn(2, 3, 224, 224)
+    opts = {"cond_dim": 8} if to == "cbn" else {}
+    out, report = ns.convert_with_report(model, to, example_inputs=x, **opts)
+    args = (x, torch.randn(2, 8)) if to == "cbn" else (x,)
+    rel = rel_error(out_of(out, *args), out_of(model, x))
+    twin = copy.deepcopy(model).double()
+    noise = rel_error(out_of(model, x), out_of(twin, x.double()))
+    assert rel <= max(CONVERT_BAR, 4 * noise), (rel, noise)
+    assert report.max_rel_error == pytest.approx(rel, rel=0.5, abs=1e-7)

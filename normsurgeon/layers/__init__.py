@@ -1,4 +1,4 @@
-"""normsurgeon's own normalization layers (never ``_BatchNorm`` subclasses; SPEC §4b)."""
+"""normsurgeon's own normalization layers (never ``_BatchNorm`` subclasses; docs/layers.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-r"""Conditional BatchNorm (de Vries et al., 2017), SPEC §3.
+r"""Conditional BatchNorm (de Vries et al., 2017), docs/layers.md.
 
 .. math::
     [Δγ, Δβ] = W_2 \, \mathrm{relu}(W_1 e + b_1) + b_2, \qquad

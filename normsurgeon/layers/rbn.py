@@ -1,4 +1,4 @@
-r"""Representative BatchNorm (Gao et al., CVPR 2021), SPEC §4, implemented from the formulas.
+r"""Representative BatchNorm (Gao et al., CVPR 2021), docs/layers.md, implemented from the formulas.
 
 With ``m(z)`` the per-instance, per-channel spatial mean:
 
@@ -78,7 +78,7 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
         return layer
 
     def new_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """The calibration parameters; none takes weight decay (SPEC §4b)."""
+        """The calibration parameters; none takes weight decay (docs/layers.md)."""
         return {"decay": [],
                 "no_decay": [self.centering_weight, self.scaling_weight, self.scaling_bias]}
 

@@ -1,6 +1,6 @@
 """``export_onnx``: any model ``convert`` produced (folded, CBN, RBN) or a plain one → ONNX.
 
-Recipe (SPEC §5): CBN/RBN layers call ``normsurgeon::`` torch custom ops while exporting; the
+Recipe (docs/onnx.md): CBN/RBN layers call ``normsurgeon::`` torch custom ops while exporting; the
 dynamo exporter translates them to nodes of the registered ``normsurgeon`` schemas; *after*
 export (its passes would inline or drop them otherwise) the FunctionProtos are attached with
 their ``""`` opset aligned to the model's. ``custom_ops=False`` inlines those functions,

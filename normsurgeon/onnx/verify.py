@@ -1,4 +1,4 @@
-"""``verify_onnx``: run an exported file on onnxruntime and compare with PyTorch (SPEC §6).
+"""``verify_onnx``: run an exported file on onnxruntime and compare with PyTorch (docs/bars.md).
 
 Every requested provider × graph optimisations off and on × the example batch size and
 another one, on fresh random inputs. The result is an object: truthy when every comparison
@@ -22,7 +22,7 @@ from ..tracing import eval_mode
 __all__ = ["verify_onnx", "VerificationResult", "Comparison", "DEFAULT_RTOL"]
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-DEFAULT_RTOL = {"cpu": 1e-5, "cuda": 1e-4}  # SPEC §6, fp32 (CUDA with TF32 off)
+DEFAULT_RTOL = {"cpu": 1e-5, "cuda": 1e-4}  # docs/bars.md, fp32 (CUDA with TF32 off)
 
 
 @dataclass
@@ -137,7 +137,7 @@ def verify_onnx(
     Args:
         providers: ``["cpu"]``, ``["cpu", "cuda"]``... Default: CPU, plus CUDA when
             onnxruntime offers it.
-        rtol: the SPEC §6 relative bar ``max|y − ref| / max|ref|`` (default 1e-5 on CPU, 1e-4
+        rtol: the docs/bars.md relative bar ``max|y − ref| / max|ref|`` (default 1e-5 on CPU, 1e-4
             on CUDA); ``atol`` accepts outputs that are all near zero.
         batch_sizes: default: the example's batch and one more size.
     """

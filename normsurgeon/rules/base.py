@@ -93,7 +93,7 @@ class BNSite:
         return None
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
-        """``(s, t)`` of SPEC §1 in float64 (computed once per site)."""
+        """``(s, t)`` of docs/math.md in float64 (computed once per site)."""
         from ..functional import bn_scale_shift
 
         if self._scale_shift is None:

@@ -1,4 +1,4 @@
-"""Folding rules: eval BatchNorm into the neighbouring Conv / ConvTranspose / Linear (SPEC §2).
+"""Folding rules: eval BatchNorm into the neighbouring Conv / ConvTranspose / Linear (docs/math.md).
 
 Producer direction (BN after the layer) is tried first, then consumer (BN before the layer).
 """
