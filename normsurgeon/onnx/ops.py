@@ -8,7 +8,8 @@ translations and the ONNX function bodies (docs/onnx.md).
 
 ``RepresentativeBatchNormalization(X, w_c, w_v, b_v, gamma, beta, mean, var; epsilon)``, eval
 mode (``gamma`` is the layer's γ / r₀). With ``s = 1/sqrt(var+ε)``, ``t = −mean·s`` and
-``Xb = BN(X)`` (again foldable), the RBN of docs/layers.md rewrites exactly as ``x_n = Xb + w_c·(m(Xb) − t)``, ``m(x_n) = m(Xb) + w_c·(m(Xb) − t)``,
+``Xb = BN(X)`` (again foldable), the RBN of docs/layers.md rewrites exactly as
+``x_n = Xb + w_c·(m(Xb) − t)``, ``m(x_n) = m(Xb) + w_c·(m(Xb) − t)``,
 ``r = sigmoid(w_v·m(x_n) + b_v)``, ``Y = (γ·r)·Xb + (γ·r)·w_c·(m(Xb) − t) + β``: one ReduceMean
 and a per-sample affine on top of the plain network.
 """
