@@ -307,15 +307,52 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
         _check_no_sharing(model, work)
     report.seconds = time.perf_counter() - t0
     if inputs is not None and ref_out is not None:
+        culprits = None
+        if check and not inplace:
+            def culprits() -> list[str]:  # noqa: E306 - only on the failure path
+                return _bisect_sites(model, to, inputs, ref_out, report, inc, exc,
+                                     leaf_modules, options)
         _self_check(model if not inplace else None, work, transform, inputs, ref_out, report,
-                    check)
+                    check, culprits)
     log.info("%s", report.summary())
     return ConversionResult(work, report)
 
 
+def _bisect_sites(model: nn.Module, to: str, inputs: tuple[Any, ...], ref_out: Any,
+                  report: ConversionReport, inc: Any, exc: Any,
+                  leaf_modules: Sequence[type[nn.Module]], options: dict[str, Any]
+                  ) -> list[str]:
+    """The rewritten sites that alone take the result beyond the bar, found by converting
+    halves of them (``include=``) and re-checking: at most 2·log2(n) conversions, run only
+    after a mismatch. Empty when no half alone fails (the sites interact)."""
+    done = [r.name for r in report.sites if r.action in (Action.FOLDED, Action.REPLACED)]
+    bar = report.bar if report.bar is not None else 1e-5
+
+    def bad(names: list[str]) -> bool:
+        try:
+            res = _run(model, to, inputs, names, exc, inplace=False, strict=False,
+                       leaf_modules=leaf_modules, options=dict(options), dry_run=False,
+                       check=False)
+        except Exception:  # noqa: BLE001 - a subset that cannot even convert is suspect
+            return True
+        rel = res.report.max_rel_error
+        return rel is None or not rel <= bar
+
+    cand = done
+    while len(cand) > 1:
+        half = len(cand) // 2
+        if bad(cand[:half]):
+            cand = cand[:half]
+        elif bad(cand[half:]):
+            cand = cand[half:]
+        else:
+            return []
+    return cand if cand and bad(cand) else []
+
+
 def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
                 inputs: tuple[Any, ...], ref_out: Any, report: ConversionReport,
-                check: bool) -> None:
+                check: bool, culprits: Any = None) -> None:
     """Compare the converted model with the original's outputs on the example inputs and
     record ``report.max_rel_error`` and ``report.bar``; beyond the bar (or if the converted
     model raises) raise :class:`ConversionMismatchError` unless ``check`` is False.
@@ -331,7 +368,10 @@ def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
         msg = (f"the converted model raised {type(e).__name__}: {first} on the example inputs, "
                "where the original ran")
         if check:
-            raise ConversionMismatchError(msg + "; please report this", report=report) from e
+            sites = culprits() if culprits is not None else []
+            where = f" (site{'s' if len(sites) > 1 else ''}: {', '.join(sites)})" if sites else ""
+            raise ConversionMismatchError(msg + where + "; please report this", report=report,
+                                          sites=sites) from e
         log.warning("%s", msg)
         return
     report.max_rel_error = rel
@@ -345,9 +385,12 @@ def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
         msg = (f"the converted model differs from the original by rel {rel:.3e} on the example "
                f"inputs, above the bar {bar:.1e} (docs/bars.md)")
         if check:
+            sites = culprits() if culprits is not None else []
+            where = (f"; responsible: {', '.join(sites)} (exclude= them to convert the rest)"
+                     if sites else "; pass exclude= to find the site")
             raise ConversionMismatchError(
-                msg + "; this is a normsurgeon bug: please report it. Pass exclude= to find the "
-                "site, or check=False to get the model anyway", rel=rel, bar=bar, report=report)
+                msg + where + ". This is a normsurgeon bug: please report it; check=False "
+                "returns the model anyway", rel=rel, bar=bar, report=report, sites=sites)
         log.warning("%s", msg)
 
 

@@ -62,10 +62,12 @@ class VerificationError(NormSurgeonError):
 class ConversionMismatchError(NormSurgeonError):
     """The self-check of :func:`normsurgeon.convert` found the converted model further from the
     original than its numeric bar on the example inputs (or the converted model raised).
-    ``rel`` is the measured error, ``bar`` the allowed one, ``report`` the conversion report.
+    ``rel`` is the measured error, ``bar`` the allowed one, ``report`` the conversion report,
+    ``sites`` the rewritten sites found responsible by bisection (empty when they interact).
     Pass ``check=False`` to get the model and the measured error instead."""
 
     def __init__(self, message: str, rel: float | None = None, bar: float | None = None,
-                 report: object = None) -> None:
+                 report: object = None, sites: list[str] | None = None) -> None:
         super().__init__(message)
         self.rel, self.bar, self.report = rel, bar, report
+        self.sites = list(sites or [])

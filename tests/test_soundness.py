@@ -399,9 +399,14 @@ def test_self_check_raises_on_a_wrong_result(monkeypatch):
         w, b = real(weight, bias, s, t, like=like)
         return w, b + 1  # a planted bug
     monkeypatch.setattr(functional, "fold_conv_bn", wrong)
-    model = prep(BadRule())
-    with pytest.raises(ns.ConversionMismatchError, match="rel"):
+    model = prep(nn.Sequential(BadRule(), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
+    monkeypatch.setattr(functional, "fold_conv_bn", lambda w, b, s, t, *, like=None: (
+        wrong(w, b, s, t, like=like) if w.shape[0] == 8 else real(w, b, s, t, like=like)))
+    with pytest.raises(ns.ConversionMismatchError, match="rel") as info:
         ns.convert(model, example_inputs=X)
+    assert info.value.sites == ["0.bn"] and "0.bn" in str(info.value)
+    ok = ns.convert(model, example_inputs=X, exclude="0.bn")  # the advice works
+    assert count_bn(ok) == 1
     out, report = ns.convert_with_report(model, example_inputs=X, check=False)
     assert report.max_rel_error > FOLD_BAR  # measured and reported, not raised
 
