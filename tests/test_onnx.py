@@ -32,11 +32,18 @@ def _model(kind: str):
 def test_export_and_verify_every_transform(tmp_path, kind, custom_ops, to):
     opts, extra = TRANSFORMS[to]
     model = ns.convert(_model(kind), to.split("-")[0], example_inputs=X, **opts)
+    # DataDependent branches on float(y.mean()): only a specialised graph can be written, and
+    # only when the caller accepts it
     res = ns.export_onnx(model, (X, *extra), tmp_path / "m.onnx", custom_ops=custom_ops,
-                         verify=True)
+                         verify=True, allow_specialized=kind == "untraceable")
     v = res.verification
     assert v and v.providers_run == ["CPUExecutionProvider"]
-    assert {c.batch for c in v.comparisons} == {2, 5}
+    assert {2, 5} <= {c.batch for c in v.comparisons}
+    assert {"random", "batch 5", "scaled x10", "negated", "zeros", "large x100"} <= set(v.families)
+    if to == "cbn":
+        assert "cond x100" in v.families
+    if to == "cbn-labels":
+        assert "all labels" in v.families
     assert {c.optimization for c in v.comparisons} == {"off", "all"}
     assert v.max_rel() <= 1e-5
     nodes = res.model.graph.node
@@ -52,7 +59,10 @@ def test_export_and_verify_every_transform(tmp_path, kind, custom_ops, to):
     for inp in res.model.graph.input:
         assert inp.type.tensor_type.shape.dim[0].dim_param, inp.name
     onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")), full_check=True)
-    assert kind == "traceable" or res.exporter.startswith("torchscript")
+    assert res.exporter == ("dynamo" if kind == "traceable" else "torchscript")
+    assert (kind == "untraceable") == bool(res.specialized)
+    assert res.output_names == ["output"]
+    assert "\x1b" not in res.fallback_reason and "\n" not in res.fallback_reason
 
 
 def test_tampered_file_fails_verification(tmp_path):
@@ -162,3 +172,102 @@ def test_cbn_body_is_specialised_to_the_models_rank(tmp_path, mixed):
         res.model).graph.value_info if v.name in {n.input[0] for n in res.model.graph.node
                                                   if n.domain == "normsurgeon"}}
     assert ranks <= ({3, 4} if mixed else {4})
+
+
+# --- issue 10: no wrong file passes, no mistake without a clear error --------------------------
+class ValueBranch(torch.nn.Module):
+    """`if y.mean() > 0`: torch.export cannot capture it; TorchScript bakes in one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            return y * 2
+        return -y
+
+
+def test_value_specialised_export_is_refused_unless_accepted(tmp_path):
+    model = ValueBranch().eval()
+    with torch.no_grad():
+        model.conv.bias.fill_(5.0)  # the example takes the "> 0" branch
+    with pytest.raises(ns.ExportError, match="branches on tensor values"):
+        ns.export_onnx(model, (X,), tmp_path / "m.onnx")
+    res = ns.export_onnx(model, (X,), tmp_path / "m.onnx", allow_specialized=True)
+    assert res.exporter == "torchscript" and res.specialized
+    # and verification tries inputs that take the other branch: the file fails
+    with torch.no_grad():
+        model.conv.bias.fill_(0.0)
+    v = ns.verify_onnx(tmp_path / "m.onnx", model, (X,))
+    assert not v and any(c.family in ("negated", "scaled x10") for c in v.failures)
+
+
+def test_a_file_missing_an_output_fails_verification(tmp_path):
+    class TwoOut(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, y.mean((2, 3))
+
+    model = TwoOut().eval()
+    res = ns.export_onnx(model, (X,), tmp_path / "m.onnx", output_names=["map", "pooled"])
+    assert res.output_names == ["map", "pooled"]
+    assert ns.verify_onnx(tmp_path / "m.onnx", model, (X,), output_names=["map", "pooled"])
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    del proto.graph.output[1]
+    onnx.save(proto, str(tmp_path / "cut.onnx"))
+    v = ns.verify_onnx(tmp_path / "cut.onnx", model, (X,))
+    assert not v and any("outputs" in c.problem for c in v.failures)
+    v = ns.verify_onnx(tmp_path / "m.onnx", model, (X,), output_names=["a", "b"])
+    assert not v and any("named" in c.problem for c in v.failures)
+
+
+class ShapeOnlyBranch(torch.nn.Module):
+    """fx cannot trace it (a branch on a shape), torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 0:
+            x = x * 1.5
+        return self.bn(self.conv(x))
+
+
+def test_cbn_wrapper_of_untraceable_model_reaches_the_dynamo_exporter(tmp_path):
+    model = randomize_bn(ShapeOnlyBranch()).eval()
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(model)
+    cbn = ns.convert(model, "cbn", cond_dim=3)
+    res = ns.export_onnx(cbn, (X, torch.randn(2, 3)), tmp_path / "m.onnx", verify=True)
+    assert res.exporter == "dynamo" and res.fallback_reason == ""
+    assert res.input_names == ["x", "cond"] and res.output_names == ["output"]
+    assert res.verification
+
+
+def test_mistakes_get_errors_that_say_what_to_fix(tmp_path):
+    cbn = ns.convert(randomize_bn(small_cnn()).eval(), "cbn", cond_dim=6)
+    with pytest.raises(ns.ConditionError, match=r"\(2, 6\)"):
+        ns.export_onnx(cbn, (X, torch.randn(2, 5)), tmp_path / "m.onnx")
+    with pytest.raises(FileNotFoundError, match="export"):
+        ns.verify_onnx(tmp_path / "missing.onnx", cbn, (X, torch.randn(2, 6)))
+    (tmp_path / "junk.onnx").write_text("not a model")
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        ns.verify_onnx(tmp_path / "junk.onnx", cbn, (X, torch.randn(2, 6)))
+    plain = randomize_bn(small_cnn()).eval()
+    ns.export_onnx(plain, (X,), tmp_path / "p.onnx")
+    with pytest.raises(ValueError, match="rejects the example inputs"):
+        ns.verify_onnx(tmp_path / "p.onnx", plain, (torch.randn(2, 4, 16, 16),))
+    with pytest.raises(ValueError, match="is a directory"):
+        ns.export_onnx(plain, (X,), tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        ns.export_onnx(plain, (X,), tmp_path / "no" / "m.onnx")
+    with pytest.raises(ValueError, match="output_names"):
+        ns.export_onnx(plain, (X,), tmp_path / "m.onnx", output_names=["a", "b"])
