@@ -135,6 +135,16 @@ def _patterns(p: str | Sequence[str] | None, what: str) -> list[str] | None:
     raise TypeError(f"{what} must be a glob pattern or a list of them, got {p!r}")
 
 
+def _check_patterns(inc: list[str] | None, exc: list[str] | None, names: list[str]) -> None:
+    """A pattern that matches no BatchNorm is a typo until proven otherwise: say so."""
+    for what, pats in (("include", inc), ("exclude", exc)):
+        for p in pats or []:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                some = ", ".join(names[:3]) if names else "the model has none"
+                raise ValueError(f"{what} pattern {p!r} matches no BatchNorm (names look like: "
+                                 f"{some})")
+
+
 def _with_bn_below(model: nn.Module) -> set[int]:
     """ids of modules that have a BatchNorm strictly below them."""
     out: set[int] = set()
@@ -260,6 +270,8 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
         if d.rule is None:
             records[site.name] = SiteRecord(site.name, site.kind, Action.SKIPPED,
                                             reason=d.reason, trace=trace_mode)
+    _check_patterns(inc, exc, [s.name for s in all_sites] + [
+        q for q, m in work.named_modules() if is_batchnorm(m) and id(m) not in reached])
     for qual, m in work.named_modules():
         if is_batchnorm(m) and id(m) not in reached:
             records[qual] = SiteRecord(qual, type(m).__name__, Action.SKIPPED,

@@ -20,6 +20,9 @@ from typing import Any
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 
 
+NOTES: list[str] = []  # said on stderr after a command succeeds (an error stays one line)
+
+
 class UsageError(Exception):
     """Bad usage or input: printed as one line, exit code 2."""
 
@@ -59,26 +62,74 @@ def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
         raise
     except ImportError as e:
         raise UsageError(f"cannot import {where!r}: {e}") from None
+    except SyntaxError as e:
+        raise UsageError(f"{where!r} has a syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
+        raise UsageError(f"importing {where!r} raised {_line(e)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"{where!r} has no callable named {attr!r}")
     torch.manual_seed(seed)
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory raised
+        raise UsageError(f"{spec}() raised {_line(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise UsageError(f"cannot read weights {weights!r}: {e}") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UsageError(f"weights {weights!r} do not fit {spec}: "
-                             f"{str(e).splitlines()[0]}") from None
+        model.load_state_dict(_read_state_dict(weights, model, spec))
+    if model.training:  # said, not done silently
+        NOTES.append(f"{spec} returned a model in training mode; it was put in eval mode "
+                     "(inference semantics) for conversion and export")
     return model.eval()
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _read_state_dict(path: str, model: Any, spec: str) -> dict[str, Any]:
+    """A state_dict from ``path`` that fits ``model``, or a UsageError naming what is wrong."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"cannot read weights {path!r}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - the safe unpickler fails in many ways
+        import zipfile
+
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # zip or legacy pickle
+            raise UsageError(f"cannot read weights {path!r}: it is not a torch.save file "
+                             f"({_line(e)[:100]})") from None
+        raise UsageError(f"weights {path!r} hold pickled Python objects (a whole model?), "
+                         "not a state_dict of tensors; save model.state_dict() instead") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
+                                                                        dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UsageError(f"weights {path!r} hold a {type(state).__name__}, not a state_dict "
+                         "(a dict of tensors)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]!r}")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{k!r} has shape {tuple(state[k].shape)}, the model's is "
+                         f"{tuple(own[k].shape)}")
+        raise UsageError(f"weights {path!r} do not fit {spec}: {'; '.join(parts)}")
+    return state
 
 
 @contextmanager
@@ -115,25 +166,71 @@ def _transform_choices() -> list[str]:
 
 
 def _convert_options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if getattr(args, "cond_dim", None) is not None:
-        opts["cond_dim"] = args.cond_dim
-    if getattr(args, "num_classes", None) is not None:
-        opts["num_classes"] = args.num_classes
-    return opts
+    """CBN options, validated: positive ints, and ``--cond-dim`` / ``--num-classes`` are
+    alternatives."""
+    cond_dim, classes = getattr(args, "cond_dim", None), getattr(args, "num_classes", None)
+    for flag, v in (("--cond-dim", cond_dim), ("--num-classes", classes)):
+        if v is not None and v <= 0:
+            raise UsageError(f"{flag} must be a positive integer, got {v}")
+    if cond_dim is not None and classes is not None:
+        raise UsageError("--cond-dim and --num-classes are alternatives: the condition is a "
+                         "float vector (--cond-dim E) or an integer label (--num-classes K)")
+    if getattr(args, "to", None) != "cbn":
+        if cond_dim is not None or classes is not None:
+            raise UsageError("--cond-dim / --num-classes apply to --to cbn only")
+        return {}
+    if cond_dim is None and classes is None:
+        raise UsageError("--to cbn needs --cond-dim E (a float condition of width E) or "
+                         "--num-classes K (integer labels)")
+    return {"cond_dim": cond_dim} if cond_dim is not None else {"num_classes": classes}
+
+
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    """``--include`` / ``--exclude`` / ``--strict`` as convert() arguments."""
+    return {"include": args.include or None, "exclude": args.exclude or None,
+            "strict": bool(getattr(args, "strict", False))}
+
+
+def _example(model: Any, args: tuple[Any, ...]) -> None:
+    """The model must accept the example inputs: a UsageError with its complaint otherwise."""
+    from .errors import ConditionError
+    from .onnx.export import check_example_inputs
+
+    try:
+        check_example_inputs(model, args, "--input-shape input")
+    except (ConditionError, ValueError, TypeError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+
+
+def _random_input(shape: tuple[int, ...], g: Any = None) -> Any:
+    import torch
+
+    try:
+        return torch.randn(shape, generator=g)
+    except RuntimeError as e:  # too large to allocate
+        raise UsageError(f"--input-shape {','.join(map(str, shape))} is too large to allocate "
+                         f"({_line(e)[:100]})") from None
 
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
     import normsurgeon as ns
 
+    opts = _convert_options(args)
+    shape = parse_shape(args.input_shape) if args.input_shape else None
     model = load_model(args.model, args.weights, args.seed)
-    x = torch.randn(parse_shape(args.input_shape)) if args.input_shape else None
+    x = _random_input(shape) if shape else None
+    if x is not None:
+        _example(model, (x,))
+    sel = _selection(args)
+    strict = sel.pop("strict")
     with progress("analysing"):
-        report = ns.inspect(model, args.to, example_inputs=x, **_convert_options(args))
+        report = ns.inspect(model, args.to, example_inputs=x, **sel, **opts)
     print(report.to_json(indent=2) if args.json else report.table())
+    skipped = {r.name: r.reason for r in report.sites if r.action == "skipped"}
+    if strict and skipped:
+        raise UsageError(f"--strict: {len(skipped)} BatchNorm site(s) would be left alone, "
+                         f"e.g. {next(iter(skipped))}: {next(iter(skipped.values()))}")
     return EXIT_OK
 
 
@@ -171,15 +268,14 @@ def _example_args(args: argparse.Namespace) -> tuple[Any, ...]:
     if not args.input_shape:
         raise UsageError("--input-shape is required, e.g. --input-shape 1,3,224,224")
     shape = parse_shape(args.input_shape)
+    opts = _convert_options(args)
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(shape, generator=g)
+    x = _random_input(shape, g)
     if args.to != "cbn":
         return (x,)
-    if args.num_classes:
-        return (x, torch.randint(0, args.num_classes, (shape[0],), generator=g))
-    if not args.cond_dim:
-        raise UsageError("--to cbn needs --cond-dim E or --num-classes K")
-    return (x, torch.randn(shape[0], args.cond_dim, generator=g))
+    if "num_classes" in opts:
+        return (x, torch.randint(0, opts["num_classes"], (shape[0],), generator=g))
+    return (x, torch.randn(shape[0], opts["cond_dim"], generator=g))
 
 
 def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
@@ -188,12 +284,17 @@ def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
 
     import normsurgeon as ns
 
+    example = _example_args(args)  # validates the options before the model is built
     model = load_model(args.model, args.weights, args.seed)
-    example = _example_args(args)
+    _example(model, example[:1])
     if args.to == "none":
         return model, example
     torch.manual_seed(args.seed)
-    converted = ns.convert(model, args.to, example_inputs=example[:1], **_convert_options(args))
+    converted, report = ns.convert_with_report(model, args.to, example_inputs=example[:1],
+                                               **_selection(args), **_convert_options(args))
+    if args.to == "cbn" and not report.counts.get("replaced"):
+        raise UsageError("--to cbn replaced no BatchNorm (see `normsurgeon inspect --to cbn`): "
+                         "the exported model would take a condition it never uses")
     return converted, example
 
 
@@ -207,29 +308,43 @@ def _providers(text: str | None) -> list[str] | None:
     return out
 
 
-def _print_verification(res: Any) -> int:
+def _print_verification(res: Any, requested: list[str] | None) -> int:
     print(res.table())
+    if not res.providers_run:
+        why = "; ".join(f"{p}: {w}" for p, w in res.not_run.items()) or "no provider ran"
+        raise UsageError(f"no requested provider could run ({why})")
     return EXIT_OK if res else EXIT_MISMATCH
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import normsurgeon as ns
 
+    from .onnx.export import _check_writable
+
     providers = _providers(args.providers)
+    try:  # before any work: a bad -o is found in a second, not after the export
+        _check_writable(args.output)
+    except ValueError as e:
+        raise UsageError(f"-o {args.output}: {e}") from None
     with progress("converting"):
         model, example = _build_converted(args)
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"output directory {out_dir!r} does not exist")
     with progress("exporting"):
-        res = ns.export_onnx(model, example, args.output, custom_ops=not args.no_custom_ops)
+        res = ns.export_onnx(model, example, args.output, custom_ops=not args.no_custom_ops,
+                             allow_specialized=args.allow_specialized)
     ops_text = ", ".join(res.custom_ops) or "standard ops only"
     print(f"wrote {res.path} ({ops_text}; opset {res.opset}; exporter {res.exporter}; "
           f"{res.seconds:.1f}s)")
+    if res.fallback_reason:
+        print(f"note: torch.export could not capture the model ({res.fallback_reason})",
+              file=sys.stderr)
+    if res.specialized:
+        print(f"warning: the file holds only the example's branch of {len(res.specialized)} "
+              f"value-dependent decision(s), e.g. {res.specialized[0]}", file=sys.stderr)
     if args.verify:
         with progress("verifying on onnxruntime"):
-            v = ns.verify_onnx(res.path, model, example, providers=providers)
-        return _print_verification(v)
+            v = ns.verify_onnx(res.path, model, example, providers=providers,
+                               output_names=res.output_names)
+        return _print_verification(v, providers)
     return EXIT_OK
 
 
@@ -247,10 +362,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except Exception as e:  # an unreadable or mismatched file is bad input
             if type(e).__name__ in ("InvalidGraph", "InvalidArgument", "Fail", "DecodeError",
                                     "NoSuchFile", "InvalidProtobuf"):
-                raise UsageError(f"cannot run {args.onnx_file!r}: "
-                                 f"{str(e).splitlines()[0]}") from None
+                raise UsageError(f"cannot run {args.onnx_file!r} ({_line(e)[:160]}): export "
+                                 "it again with the same --model, --to and options") from None
             raise
-    return _print_verification(v)
+    return _print_verification(v, providers)
 
 
 def _add_export_commands(sub: Any, choices: list[str]) -> None:
@@ -261,20 +376,45 @@ def _add_export_commands(sub: Any, choices: list[str]) -> None:
                    help="standard ONNX ops only (no normsurgeon domain)")
     p.add_argument("--verify", action="store_true", help="compare on onnxruntime")
     p.add_argument("--providers", help="cpu,cuda (default: cpu, plus cuda when available)")
+    p.add_argument("--allow-specialized", action="store_true",
+                   help="accept a graph that holds only the example's branch of a Python "
+                        "decision on tensor values (refused by default)")
+    _add_selection_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("verify", help="rebuild the reference model and compare an ONNX file")
-    p.add_argument("onnx_file")
+    p = sub.add_parser(
+        "verify", help="rebuild the reference model and compare an ONNX file",
+        description="Rebuild the model exactly as `export` did (same MODEL, --weights, --seed, "
+                    "--to and options), run the ONNX file on onnxruntime with graph "
+                    "optimisations off and on, on families of inputs (random, another batch, "
+                    "x10, negated, zeros, x100; for CBN extreme conditions and every label), "
+                    "and compare every output with PyTorch (docs/bars.md). Exit 0: all within "
+                    "the bar; 1: a mismatch; 2: bad usage.")
+    p.add_argument("onnx_file", help="the .onnx file written by `normsurgeon export`")
     p.add_argument("--model", required=True,
-                   help="package.module:callable or path/to/file.py:callable")
-    p.add_argument("--to", default="fold", choices=[*choices, "none"])
-    p.add_argument("--input-shape", required=True)
-    p.add_argument("--weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cond-dim", type=int)
-    p.add_argument("--num-classes", type=int)
-    p.add_argument("--providers", help="cpu,cuda")
+                   help="package.module:callable or path/to/file.py:callable (as for export)")
+    p.add_argument("--to", default="fold", choices=[*choices, "none"],
+                   help="the transform the file was exported with (default: fold)")
+    p.add_argument("--input-shape", required=True,
+                   help="example input shape, e.g. 1,3,224,224 (its batch and one more run)")
+    p.add_argument("--weights", help="the state_dict given to export, if any")
+    p.add_argument("--seed", type=int, default=0, help="the --seed given to export (default 0)")
+    p.add_argument("--cond-dim", type=int, help="CBN: the --cond-dim given to export")
+    p.add_argument("--num-classes", type=int, help="CBN: the --num-classes given to export")
+    p.add_argument("--providers", help="cpu,cuda (default: cpu, plus cuda when available); "
+                                       "a provider that cannot run is reported, never passed")
+    _add_selection_args(p, strict=False)
     p.set_defaults(func=cmd_verify)
+
+
+def _add_selection_args(p: argparse.ArgumentParser, strict: bool = True) -> None:
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="convert only BatchNorms whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="leave BatchNorms whose name matches (repeatable)")
+    if strict:
+        p.add_argument("--strict", action="store_true",
+                       help="fail (exit 2) if any BatchNorm would be left alone, with reasons")
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -289,10 +429,17 @@ def _add_model_args(p: argparse.ArgumentParser, to_choices: Sequence[str]) -> No
     p.add_argument("--num-classes", type=int, help="CBN: condition on integer labels instead")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (what to fix and where to get help)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"normsurgeon: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="normsurgeon",
         description="Surgery on the normalization layers of trained PyTorch models.")
     parser.add_argument("--version", action="version", version=f"normsurgeon {__version__}")
@@ -306,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with it. Nothing is written.")
     _add_model_args(p, choices)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_selection_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="fold a third-party model (pytorchcv ResNet-18) and report")
@@ -324,10 +472,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .errors import ConversionMismatchError, NormSurgeonError, VerificationError
+    from .errors import (
+        ConversionMismatchError,
+        NormSurgeonError,
+        StrictModeError,
+        VerificationError,
+    )
 
+    NOTES.clear()
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        for note in NOTES:
+            print(f"normsurgeon: note: {note}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print("normsurgeon: interrupted", file=sys.stderr)
+        return 130
+    except StrictModeError as e:
+        print(f"normsurgeon: error: --strict: {len(e.reasons)} BatchNorm site(s) would be left "
+              f"alone, e.g. {next(iter(e.reasons))}: {next(iter(e.reasons.values()))}",
+              file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as e:
         print(f"normsurgeon: error: {e}", file=sys.stderr)
         return EXIT_USAGE

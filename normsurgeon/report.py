@@ -96,10 +96,16 @@ class ConversionReport:
     def table(self, max_width: int = 110) -> str:
         """A fixed-width table, one row per site, then the summary line."""
         header = ("BatchNorm", "kind", "action", "into / why")
+        import textwrap
+
         rows = []
         for s in self.sites:
             what = s.target + (f" ({s.detail})" if s.detail else "") if s.changed else s.reason
-            rows.append((s.name, s.kind, s.action, _clip(what, max_width)))
+            # long reasons wrap onto continuation rows: nothing is cut (hints such as "pass
+            # example_inputs" come last)
+            parts = textwrap.wrap(what, max_width) or [""]
+            rows.append((s.name, s.kind, s.action, parts[0]))
+            rows += [("", "", "", more) for more in parts[1:]]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -128,6 +134,3 @@ class ConversionReport:
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)
 
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"

@@ -139,3 +139,123 @@ def test_progress_spinner_on_a_terminal_only(monkeypatch):
     with cli.progress("exporting"):
         time.sleep(0.3)
     assert pipe.getvalue() == ""  # nothing written into logs and pipes
+
+
+# --- issue 10: every mistake through the real console script -----------------------------------
+MISTAKES = textwrap.dedent("""
+    import os, time
+    import torch
+    from torch import nn
+
+    def build():
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        return m.eval()
+
+    def raises():
+        raise RuntimeError("cannot build without the dataset")
+
+    def no_bn():
+        return nn.Sequential(nn.Conv2d(3, 4, 1)).eval()
+
+    def pre_act():
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4),
+                             nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)).eval()
+
+    def slow():
+        open(os.environ["NS_MARKER"], "w").close()
+        time.sleep(60)
+""")
+
+
+def _script() -> str:
+    import os
+
+    exe = os.path.join(os.path.dirname(sys.executable), "normsurgeon")
+    return exe if os.path.exists(exe) else sys.executable
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mistakes")
+    (d / "m.py").write_text(MISTAKES)
+    (d / "syntax.py").write_text("def build(:\n    pass\n")
+    (d / "name.py").write_text("import torch\nmodel = undefined_name\n")
+    torch.save(torch.nn.Conv2d(3, 8, 1), d / "whole.pt")  # a pickled module, not a state_dict
+    (d / "text.pt").write_text("hello")
+    torch.save({"other.weight": torch.zeros(1)}, d / "other.pt")
+    (d / "ro").mkdir()
+    return d
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["inspect", "{d}/m.py:build", "--input-shape", "1,4,32,32"], "rejects"),
+    (["inspect", "{d}/m.py:build", "--input-shape", "1,3"], "rejects"),
+    (["inspect", "{d}/m.py:raises"], "raised RuntimeError: cannot build"),
+    (["inspect", "{d}/syntax.py:build"], "syntax error"),
+    (["inspect", "{d}/name.py:build"], "NameError"),
+    (["inspect", "{d}/m.py:build", "--to", "cbn", "--cond-dim", "-3"], "positive"),
+    (["inspect", "{d}/m.py:build", "--to", "cbn", "--num-classes", "-2"], "positive"),
+    (["inspect", "{d}/m.py:build", "--to", "cbn", "--cond-dim", "0"], "positive"),
+    (["inspect", "{d}/m.py:build", "--to", "cbn", "--cond-dim", "4", "--num-classes", "3"],
+     "alternatives"),
+    (["export", "{d}/m.py:build", "--input-shape", "1,3,8,8", "-o", "{d}"], "is a directory"),
+    (["export", "{d}/m.py:build", "--input-shape", "1,3,8,8", "-o", "{d}/no/x.onnx"],
+     "does not exist"),
+    (["inspect", "{d}/m.py:build", "--weights", "{d}/whole.pt"], "state_dict()"),
+    (["inspect", "{d}/m.py:build", "--weights", "{d}/text.pt"], "not a torch.save file"),
+    (["inspect", "{d}/m.py:build", "--weights", "{d}/other.pt"], "'0.weight'"),
+    (["inspect", "{d}/m.py:build", "--input-shape", "100000,3,10000,10000"], "too large"),
+    (["export", "{d}/m.py:build", "--input-shape", "1,3,8,8", "-o", "{d}/x.onnx", "--verify",
+      "--providers", "cuda"], "no requested provider could run"),
+    (["export", "{d}/m.py:no_bn", "--to", "cbn", "--cond-dim", "3", "--input-shape",
+      "1,3,8,8", "-o", "{d}/x.onnx"], "replaced no BatchNorm"),
+    (["inspect", "{d}/m.py:build", "--include", "layer9.*"], "matches no BatchNorm"),
+    (["inspect", "{d}/m.py:build", "--exclude", "layer9.*"], "matches no BatchNorm"),
+    (["inspect", "{d}/m.py:build", "--cond-dim", "abc"], "invalid int value"),
+])
+def test_console_script_mistakes_exit_2_with_one_line(mistakes, argv, words):
+    argv = [a.replace("{d}", str(mistakes)) for a in argv]
+    cmd = [_script(), *argv] if _script() != sys.executable else [sys.executable, "-m",
+                                                                    "normsurgeon", *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert words in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_strict_include_exclude_on_the_command_line(mistakes, capsys):
+    model = f"{mistakes}/m.py:pre_act"  # BN 2 is pre-activation (BN → ReLU → Conv)
+    code = cli.main(["inspect", model, "--strict"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--strict: 1 BatchNorm site(s)" in err and "2:" in err
+    code = cli.main(["inspect", model, "--strict", "--exclude", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "excluded" in out and "folded" in out
+    code = cli.main(["inspect", model, "--include", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "1 folded, 1 excluded" in out
+
+
+def test_training_mode_factory_is_said_not_silent(model_file, capsys):
+    code = cli.main(["inspect", model_file])  # FACTORY's model is in training mode
+    err = capsys.readouterr().err
+    assert code == 0 and "training mode" in err and "eval mode" in err
+
+
+def test_ctrl_c_exits_130_without_traceback(mistakes, tmp_path):
+    import os
+    import signal
+    import time
+
+    marker = tmp_path / "started"
+    env = dict(os.environ, NS_MARKER=str(marker))
+    cmd = [sys.executable, "-m", "normsurgeon", "inspect", f"{mistakes}/m.py:slow"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
