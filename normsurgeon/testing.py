@@ -59,21 +59,39 @@ def model_fingerprint(model: nn.Module) -> dict[str, object]:
 
 def shared_storage(a: nn.Module, b: nn.Module) -> list[str]:
     """Names of ``b``'s parameters and buffers whose memory overlaps any tensor of ``a``
-    (views and aliases included, not just the same tensor object)."""
-    spans: list[tuple[torch.device, int, int]] = []
+    (views and aliases included, not just the same tensor object). Sorted intervals and a
+    binary search: O(n log n) in the number of tensors."""
+    import bisect
+
+    spans: dict[torch.device, list[tuple[int, int]]] = {}
     for t in list(a.parameters()) + list(a.buffers()):
         st = t.untyped_storage()
         if st.nbytes():
-            spans.append((t.device, st.data_ptr(), st.data_ptr() + st.nbytes()))
+            spans.setdefault(t.device, []).append((st.data_ptr(), st.data_ptr() + st.nbytes()))
+    merged: dict[torch.device, tuple[list[int], list[int]]] = {}
+    for dev, ivs in spans.items():
+        ivs.sort()
+        starts: list[int] = []
+        ends: list[int] = []
+        for lo, hi in ivs:  # merge overlapping intervals: ends stay sorted
+            if starts and lo < ends[-1]:
+                ends[-1] = max(ends[-1], hi)
+            else:
+                starts.append(lo)
+                ends.append(hi)
+        merged[dev] = (starts, ends)
     hits = []
     for qual, m in b.named_modules(remove_duplicate=False):
         for store in (m._parameters, m._buffers):
             for name, t in store.items():
-                if t is None:
+                if t is None or t.device not in merged:
                     continue
                 st = t.untyped_storage()
                 lo, hi = st.data_ptr(), st.data_ptr() + st.nbytes()
-                if st.nbytes() and any(d == t.device and lo < e and s < hi
-                                       for d, s, e in spans):
+                if not st.nbytes():
+                    continue
+                starts, ends = merged[t.device]
+                i = bisect.bisect_right(starts, hi - 1) - 1  # last interval starting below hi
+                if i >= 0 and ends[i] > lo:
                     hits.append(f"{qual}.{name}" if qual else name)
     return hits

@@ -11,6 +11,8 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import normsurgeon as ns
@@ -458,3 +460,28 @@ def test_cbn_rbn_conversion_bar_on_pytorchcv(name, to):
     noise = rel_error(out_of(model, x), out_of(twin, x.double()))
     assert rel <= max(CONVERT_BAR, 4 * noise), (rel, noise)
     assert report.max_rel_error == pytest.approx(rel, rel=0.5, abs=1e-7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 30), st.integers(1, 8)),
+                max_size=8),
+       st.lists(st.tuples(st.integers(0, 4), st.integers(0, 30), st.integers(1, 8)),
+                max_size=8))
+def test_shared_storage_equals_the_pairwise_definition(a_views, b_views):
+    """The interval search gives what comparing every pair of storages gives (base 4 is b's
+    own memory, never shared)."""
+    bases = [torch.zeros(40) for _ in range(5)]
+    a, b = nn.Module(), nn.Module()
+    for i, (k, lo, n) in enumerate(a_views):
+        a.register_buffer(f"t{i}", bases[k][lo:lo + n])
+    for i, (k, lo, n) in enumerate(b_views):
+        b.register_buffer(f"u{i}", bases[k][lo:lo + n])
+
+    def span(t):
+        s = t.untyped_storage()
+        return s.data_ptr(), s.data_ptr() + s.nbytes()
+
+    ref = [name for name, t in b._buffers.items()
+           if any(span(t)[0] < span(u)[1] and span(u)[0] < span(t)[1]
+                  for u in a._buffers.values())]
+    assert shared_storage(a, b) == ref
