@@ -482,8 +482,10 @@ def value_users(node: fx.Node) -> list[fx.Node]:
 # ----------------------------------------------------------------------------------------
 # Which paths a concrete graph proves
 # ----------------------------------------------------------------------------------------
+# control flow that can route a value differently (an assert cannot: it raises or not, in the
+# original model as in the folded one)
 _BRANCHES = (ast.If, ast.IfExp, ast.While, ast.For, ast.AsyncFor, ast.Try, ast.BoolOp,
-             ast.comprehension, ast.Match, ast.Assert)
+             ast.comprehension, ast.Match)
 _functions: dict[CodeType, tuple[int, int, list[tuple[int, int, bool, str]]] | None] = {}
 
 
@@ -521,7 +523,7 @@ def _static_test(node: ast.AST | None) -> bool:
 
 
 def _test_of(node: ast.AST) -> ast.AST | None:
-    if isinstance(node, (ast.If, ast.IfExp, ast.While, ast.Assert)):
+    if isinstance(node, (ast.If, ast.IfExp, ast.While)):
         return node.test
     if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
         return node.iter

@@ -53,7 +53,6 @@ class BNBehaviour:
 
     problem: str | None = None
     keep_child: str | None = None
-    probed: bool = False
 
 
 def _candidate_shapes(c: int, shape: tuple[int, ...] | None) -> list[tuple[int, ...]]:
@@ -79,7 +78,7 @@ def bn_behaviour(m: nn.Module, s: Tensor, t: Tensor,
     if others:
         return BNBehaviour(f"{name} overrides forward and holds submodules "
                            f"({', '.join(others)}) that are not elementwise activations; it does "
-                           "not compute the eval BatchNorm affine map", probed=False)
+                           "not compute the eval BatchNorm affine map")
     probe = copy.deepcopy(m)
     c = int(s.numel())
     dtype = next((p.dtype for p in list(probe.parameters()) + list(probe.buffers())
@@ -115,13 +114,13 @@ def bn_behaviour(m: nn.Module, s: Tensor, t: Tensor,
                     ok = False
                     break
             if ok:
-                return BNBehaviour(keep_child=child_name, probed=True)
+                return BNBehaviour(keep_child=child_name)
         return BNBehaviour(f"{name} overrides forward and does not compute the eval BatchNorm "
                            "affine map (probed on random inputs"
                            + (", also followed by each of its activation children" if
-                              len(candidates) > 1 else "") + ")", probed=True)
+                              len(candidates) > 1 else "") + ")")
     return BNBehaviour(f"{name} could not be probed: its forward rejected inputs of shape "
-                       f"(N, {c}, ...) of rank 2 to 5", probed=True)
+                       f"(N, {c}, ...) of rank 2 to 5")
 
 
 def scripted_modules(model: nn.Module) -> dict[int, str]:
