@@ -259,3 +259,20 @@ def test_ctrl_c_exits_130_without_traceback(mistakes, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+
+
+def test_inspect_table_wraps_reasons_instead_of_cutting_them(mistakes, capsys):
+    code = cli.main(["inspect", f"{mistakes}/m.py:pre_act"])
+    out = capsys.readouterr().out
+    assert code == 0 and "…" not in out
+    words = " ".join(out.split())  # the reason, joined across its continuation rows
+    assert "consumer: consumer is ReLU 3, not a Conv/Linear" in words  # the end is kept
+
+
+def test_verify_help_explains_its_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["verify", "--help"])
+    out = capsys.readouterr().out
+    for words in ("the --seed given to export", "families of inputs", "Exit 0",
+                  "the transform the file was exported with"):
+        assert words in " ".join(out.split()), words
