@@ -485,3 +485,13 @@ def test_shared_storage_equals_the_pairwise_definition(a_views, b_views):
            if any(span(t)[0] < span(u)[1] and span(u)[0] < span(t)[1]
                   for u in a._buffers.values())]
     assert shared_storage(a, b) == ref
+
+
+def test_norm_act_never_folds_into_its_consumer():
+    """Found by the fuzzer's long mode: with the producer refused (a hook), the norm+act layer
+    was folded into the next conv, putting its activation before the affine."""
+    model = prep(nn.Sequential(nn.Conv2d(3, 8, 1), BatchNormAct2d(8), nn.Conv2d(8, 4, 1)))
+    model[0].register_forward_hook(lambda m, i, o: o * 1.5)
+    out, report = ns.convert_with_report(model)
+    assert report["1"].action == "skipped" and "activation" in report["1"].reason
+    assert rel_error(out_of(out, X), out_of(model, X)) <= FOLD_BAR

@@ -90,6 +90,9 @@ class _FoldRule(Rule):
         else:
             if value_users(site.node) != [m.layer_node]:
                 return "BatchNorm output has several users"
+            if site.keep_child is not None:  # BN then activation: the affine cannot pass it
+                return (f"{site.kind} applies its activation ({site.keep_child}) after the "
+                        "normalization; only its producer can take the affine part")
         problem = (_standard_layer_problem(layer, self.layers)
                    or ctx.single_call_problem(layer, what)
                    or ctx.other_readers_problem(site, [layer]))
