@@ -1,7 +1,8 @@
 """The model fuzzer: random models from tests/fuzz_models.py, every transform, every invariant
 of docs/invariants.md.
 
-CI runs a fixed budget (``NS_FUZZ_EXAMPLES``, default 30 models per test); the long mode is
+CI runs a fixed budget (``NS_FUZZ_EXAMPLES``, default 150 models per test, derandomized); the
+long mode, a new random sample each run, is
 ``NS_FUZZ_EXAMPLES=500 .venv/bin/python -m pytest tests/test_fuzz.py``. Every failure it finds
 becomes a regression test in tests/test_soundness.py.
 """
@@ -23,8 +24,8 @@ from normsurgeon.tracing import is_batchnorm
 
 from .fuzz_models import fuzz_models
 
-EXAMPLES = int(os.environ.get("NS_FUZZ_EXAMPLES", "30"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 30,
+EXAMPLES = int(os.environ.get("NS_FUZZ_EXAMPLES", "150"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
                 suppress_health_check=list(HealthCheck), print_blob=True)
 
 
