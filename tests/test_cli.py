@@ -213,6 +213,9 @@ def mistakes(tmp_path_factory):
     (["inspect", "{d}/m.py:build", "--include", "layer9.*"], "matches no BatchNorm"),
     (["inspect", "{d}/m.py:build", "--exclude", "layer9.*"], "matches no BatchNorm"),
     (["inspect", "{d}/m.py:build", "--cond-dim", "abc"], "invalid int value"),
+    (["inspect", "{d}/m.py:pre_act", "--strict"], "--strict: 1 BatchNorm site(s)"),
+    (["export", "{d}/m.py:pre_act", "--strict", "--input-shape", "1,3,8,8", "-o",
+      "{d}/s.onnx"], "--strict"),
 ])
 def test_console_script_mistakes_exit_2_with_one_line(mistakes, argv, words):
     argv = [a.replace("{d}", str(mistakes)) for a in argv]
