@@ -1,20 +1,30 @@
 """Fold benchmark: normsurgeon vs torch.fx's ``fuse``, and vs the network with its BN deleted.
 
-    python benchmarks/fold.py [--models resnet101 densenet121] [--reps 20]
+    python benchmarks/fold.py [--models resnet101 densenet121] [--reps 20] [--busy]
 
 Prints, side by side from one run: conversion time (median of --convert-reps interleaved
 rounds), BN removed,
 and eager CPU latency (interleaved rounds, median) of the original, normsurgeon's fold,
 fuse's result, and the no-BN network (every BN replaced by Identity: the physical limit of
 folding, since a folded model does exactly that work).
+
+``--busy`` also times the conversions with every core kept busy by background processes (a
+training job or a data loader next to the conversion), at torch's default thread count, and
+prints the quiet and busy ratios side by side. The load is bounded (it ends by itself after a
+deadline) and is killed by process id when the measurement ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,12 +46,41 @@ def no_bn(model: nn.Module, only: set[str] | None = None) -> nn.Module:
     return out
 
 
+@contextmanager
+def busy_cores(seconds: float) -> Iterator[None]:
+    """Keep every core busy with spinning processes for the block (each ends by itself after
+    ``seconds``; all are killed by pid when the block ends)."""
+    code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 2)]
+    try:
+        time.sleep(0.5)  # let them start spinning
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def time_conversions(model: nn.Module, reps: int) -> dict[str, list[float]]:
+    """Interleaved rounds of ``ns.convert`` and ``fuse`` (after one warm-up of each)."""
+    times: dict[str, list[float]] = {"ns": [], "fuse": []}
+    ns.convert(model), fuse(model)
+    for _ in range(reps):
+        for key, fn in (("ns", ns.convert), ("fuse", fuse)):
+            t = time.perf_counter()
+            fn(model)
+            times[key].append(time.perf_counter() - t)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["resnet101", "densenet121"])
     p.add_argument("--reps", type=int, default=20, help="latency rounds")
     p.add_argument("--convert-reps", type=int, default=15)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--busy", action="store_true",
+                   help="also time conversions with every core busy (bounded background load)")
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
@@ -50,18 +89,17 @@ def main() -> None:
     for name in args.models:
         model = zoo.randomize(zoo.build(name))
         x = zoo.example_input(model, batch=args.batch)
-        conv_t: dict[str, list[float]] = {"ns": [], "fuse": []}
-        ns.convert(model), fuse(model)  # warm-up (first calls pay imports and allocator growth)
-        for _ in range(args.convert_reps):  # interleaved, like the latency rounds
-            for key, fn in (("ns", ns.convert), ("fuse", fuse)):
-                t = time.perf_counter()
-                fn(model)
-                conv_t[key].append(time.perf_counter() - t)
+        conv_t = time_conversions(model, args.convert_reps)
         t_ns, t_fuse = statistics.median(conv_t["ns"]), statistics.median(conv_t["fuse"])
         # robust to drift on a shared machine: the ratio within each interleaved round
         paired = statistics.median(a / b for a, b in zip(conv_t["ns"], conv_t["fuse"]))
         fastest = min(conv_t["ns"]) / min(conv_t["fuse"])
-        conv_rows.append((name, paired, fastest))
+        busy = None
+        if args.busy:
+            with busy_cores(seconds=600):
+                b = time_conversions(model, args.convert_reps)
+            busy = (statistics.median(b["ns"]), statistics.median(b["fuse"]))
+        conv_rows.append((name, paired, fastest, t_ns / t_fuse, busy))
         ours, report = ns.convert_with_report(model)
         fused, limit = fuse(model), no_bn(model)
         # the limit for an exact fold: delete just the BN that can be folded (DenseNet's
@@ -94,8 +132,16 @@ def main() -> None:
               f"{n / o:>8.3f} {n / f:>8.3f} {n / lim:>8.3f} {n / fl:>14.3f}")
     print(f"\nconversion time ns/fuse over {args.convert_reps} interleaved rounds: ratio of "
           "medians (table), median of per-round ratios, ratio of fastest runs")
-    for name, paired, fastest in conv_rows:
+    for name, paired, fastest, _, _ in conv_rows:
         print(f"  {name:<12} per-round median {paired:.2f}   fastest/fastest {fastest:.2f}")
+    if args.busy:
+        print(f"\nconversion with every core busy ({os.cpu_count()} spinning processes), "
+              f"{torch.get_num_threads()} threads, median of {args.convert_reps} rounds:")
+        print(f"  {'model':<12} {'quiet ns/fuse':>13} {'busy ns':>9} {'busy fuse':>10} "
+              f"{'busy ns/fuse':>13}")
+        for name, _, _, quiet, (b_ns, b_fuse) in conv_rows:
+            print(f"  {name:<12} {quiet:>13.2f} {b_ns:>8.3f}s {b_fuse:>9.3f}s "
+                  f"{b_ns / b_fuse:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -495,3 +495,24 @@ def test_norm_act_never_folds_into_its_consumer():
     out, report = ns.convert_with_report(model)
     assert report["1"].action == "skipped" and "activation" in report["1"].reason
     assert rel_error(out_of(out, X), out_of(model, X)) <= FOLD_BAR
+
+
+def test_conversion_restores_the_callers_thread_setting():
+    """Conversion runs its own work on one intra-op thread (issue 12); the caller's setting is
+    back afterwards, after an error too, and the model's forwards use the caller's count."""
+    before = torch.get_num_threads()
+    seen = []
+    model = prep(conv_bn())
+    model[2].register_forward_pre_hook(lambda m, i: seen.append(torch.get_num_threads()))
+    try:
+        torch.set_num_threads(3)
+        ns.convert(model, example_inputs=X)
+        assert torch.get_num_threads() == 3
+        # exactly two forwards of the model, both with the caller's threads: the recording
+        # pass and the self-check (issue 12: the check costs at most two forwards)
+        assert seen == [3, 3]
+        with pytest.raises(ns.ModelInTrainingModeError):
+            ns.convert(conv_bn().train())
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ preconditions 7 and 8).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +64,11 @@ def _candidate_shapes(c: int, shape: tuple[int, ...] | None) -> list[tuple[int, 
 
 
 def bn_behaviour(m: nn.Module, s: Tensor, t: Tensor,
-                 shape: tuple[int, ...] | None = None) -> BNBehaviour:
+                 shape: Callable[[], tuple[int, ...] | None] | None = None) -> BNBehaviour:
     """Check that the eval forward of BN-like ``m`` is ``x ↦ s·x + t`` (per channel, axis 1),
     possibly followed by one elementwise activation child. ``s, t`` are float64 (C,).
-    ``shape``: the input shape seen in the example run, if any."""
+    ``shape``: returns the input shape seen in the example run, if any (asked only when a
+    probe is needed: it may cost a forward)."""
     if type(m).forward in _TRUSTED_FORWARDS and type(m).__call__ is nn.Module.__call__:
         return BNBehaviour()  # torch's own forward: the affine map by construction
     name = type(m).__name__
@@ -87,7 +89,7 @@ def bn_behaviour(m: nn.Module, s: Tensor, t: Tensor,
     tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else (
         1e-10 if dtype == torch.float64 else 1e-5)
     gen = torch.Generator(device="cpu").manual_seed(1234)
-    for shp in _candidate_shapes(c, shape):
+    for shp in _candidate_shapes(c, shape() if shape is not None else None):
         xs = [torch.randn(shp, generator=gen, dtype=torch.float64) * 3,
               torch.randn((1,) + shp[1:], generator=gen, dtype=torch.float64) * 0.3 - 1,
               torch.randn((shp[0] + 2,) + shp[1:], generator=gen, dtype=torch.float64) * 10]

@@ -464,9 +464,14 @@ class FoldTransform(Transform):
             if problem:
                 return Decision(site, reason=problem)
             s, t = site.scale_shift()
-            shape = site.region.output_shape(site.input_node) if (
-                site.input_node is not None and site.region.inputs is not None) else None
-            verdict = bn_behaviour(site.module, s, t, tuple(shape) if shape else None)
+
+            def shape() -> tuple[int, ...] | None:  # only untrusted BNs ask (shape prop)
+                if site.input_node is None or site.region.inputs is None:
+                    return None
+                found = site.region.output_shape(site.input_node)
+                return tuple(found) if found else None
+
+            verdict = bn_behaviour(site.module, s, t, shape)
             if verdict.problem:
                 return Decision(site, reason=verdict.problem)
             site.keep_child = verdict.keep_child
