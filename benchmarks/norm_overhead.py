@@ -1,6 +1,6 @@
 """Cost of CBN and RBN against plain BatchNorm on the same network (CPU, eager).
 
-    python benchmarks/norm_overhead.py [--model resnet50] [--batch 4] [--reps 5]
+    python benchmarks/norm_overhead.py [--model resnet50] [--batch 4] [--reps 5] [--runs 3]
 
 Variants, measured interleaved in one run (median of --reps):
   BN            the original network, everything trainable, batch statistics
@@ -10,6 +10,8 @@ Variants, measured interleaved in one run (median of --reps):
                 only the MLPs train
   RBN           convert(to="rbn"), everything trainable, batch statistics
 A training step is forward + cross-entropy + backward + SGD step; eval is a no-grad forward.
+``--runs N`` repeats the whole measurement and prints the spread of each ratio over the runs
+(one run's ratio moves by ±5-10% on a shared machine).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--runs", type=int, default=1, help="repeat and report the spread")
     args = p.parse_args()
     torch.manual_seed(0)
     base = zoo.randomize(zoo.build(args.model))
@@ -62,25 +65,41 @@ def main() -> None:
         with torch.no_grad():
             m(x, *extra)
 
-    times: dict[str, dict[str, list[float]]] = {"train": {k: [] for k in variants},
-                                                "eval": {k: [] for k in variants}}
     for k in variants:  # warm-up
         step(k)
         evaluate(k)
-    for _ in range(args.reps):
-        for k in variants:
-            for phase, fn in (("train", step), ("eval", evaluate)):
-                t = time.perf_counter()
-                fn(k)
-                times[phase][k].append(time.perf_counter() - t)
     print(f"{args.model}, batch {args.batch}, {tuple(x.shape[2:])}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.reps}\n")
-    print(f"{'variant':<14} {'train step':>11} {'x BN':>6} {'eval':>9} {'x BN':>6}")
-    med = {ph: {k: statistics.median(v) for k, v in d.items()} for ph, d in times.items()}
-    for k in variants:
-        tr, ev = med["train"][k], med["eval"][k]
-        print(f"{k:<14} {tr * 1e3:>9.1f}ms {tr / med['train']['BN']:>6.3f} "
-              f"{ev * 1e3:>7.1f}ms {ev / med['eval']['BN']:>6.3f}")
+    ratios: dict[str, dict[str, list[float]]] = {"train": {k: [] for k in variants},
+                                                 "eval": {k: [] for k in variants}}
+    for run in range(args.runs):
+        times: dict[str, dict[str, list[float]]] = {"train": {k: [] for k in variants},
+                                                    "eval": {k: [] for k in variants}}
+        for _ in range(args.reps):
+            for k in variants:
+                for phase, fn in (("train", step), ("eval", evaluate)):
+                    t = time.perf_counter()
+                    fn(k)
+                    times[phase][k].append(time.perf_counter() - t)
+        med = {ph: {k: statistics.median(v) for k, v in d.items()} for ph, d in times.items()}
+        if args.runs > 1:
+            print(f"run {run + 1} of {args.runs}")
+        print(f"{'variant':<14} {'train step':>11} {'x BN':>6} {'eval':>9} {'x BN':>6}")
+        for k in variants:
+            tr, ev = med["train"][k], med["eval"][k]
+            ratios["train"][k].append(tr / med["train"]["BN"])
+            ratios["eval"][k].append(ev / med["eval"]["BN"])
+            print(f"{k:<14} {tr * 1e3:>9.1f}ms {tr / med['train']['BN']:>6.3f} "
+                  f"{ev * 1e3:>7.1f}ms {ev / med['eval']['BN']:>6.3f}")
+        print()
+    if args.runs > 1:
+        print(f"spread over {args.runs} runs (min-max of each run's ratio to BN):")
+        for k in variants:
+            if k == "BN":
+                continue
+            tr, ev = ratios["train"][k], ratios["eval"][k]
+            print(f"  {k:<14} train step {min(tr):.3f}-{max(tr):.3f}   "
+                  f"eval {min(ev):.3f}-{max(ev):.3f}")
 
 
 if __name__ == "__main__":
