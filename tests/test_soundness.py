@@ -516,3 +516,19 @@ def test_conversion_restores_the_callers_thread_setting():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_cbn_threading_never_shadows_a_users_module_name():
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = conv_bn()
+            self.condition_check = nn.Identity()  # the name the condition check would take
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.condition_check(self.body(x))
+
+    model = prep(Named())
+    cbn = ns.convert(model, "cbn", cond_dim=3)
+    assert isinstance(cbn.condition_check, nn.Identity)
+    assert rel_error(out_of(cbn, X, torch.randn(2, 3)), out_of(model, X)) <= CONVERT_BAR

@@ -217,21 +217,25 @@ def _can_thread(graph: fx.Graph) -> bool:
 
 def _thread_condition(region: Any, model: nn.Module, spec: ConditionSpec) -> nn.Module:
     graph = region.graph
+    name, i = "condition_check", 0
+    while hasattr(model, name):  # never shadow (and then delete) a module of the user's
+        i += 1
+        name = f"condition_check_{i}"
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(phs[-1]):
         cond = graph.placeholder("cond")
     with graph.inserting_after(cond):
-        checked = graph.call_module("condition_check", (cond, *phs))
+        checked = graph.call_module(name, (cond, *phs))
     for n in graph.nodes:
-        if n.op == "call_module" and n.target != "condition_check" and isinstance(
+        if n.op == "call_module" and n.target != name and isinstance(
                 model.get_submodule(n.target), tuple(_CBN_FOR.values())):
             n.args = (n.args[0], checked)
     graph.lint()
-    model.add_module("condition_check", ConditionCheck(spec.cond_dim, spec.num_classes))
+    model.add_module(name, ConditionCheck(spec.cond_dim, spec.num_classes))
     try:  # GraphModule copies the modules its graph calls from the root
         gm = region.graph_module(root=model)
     finally:
-        delattr(model, "condition_check")
+        delattr(model, name)
     gm.recompile()
     return gm
 
