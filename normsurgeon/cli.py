@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from .errors import one_line as _one_line
+
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 
 
@@ -65,7 +67,7 @@ def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
     except SyntaxError as e:
         raise UsageError(f"{where!r} has a syntax error at line {e.lineno}: {e.msg}") from None
     except Exception as e:  # noqa: BLE001 - the user's module raised while importing
-        raise UsageError(f"importing {where!r} raised {_line(e)}") from None
+        raise UsageError(f"importing {where!r} raised {_one_line(e)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"{where!r} has no callable named {attr!r}")
@@ -73,7 +75,7 @@ def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001 - the user's factory raised
-        raise UsageError(f"{spec}() raised {_line(e)}") from None
+        raise UsageError(f"{spec}() raised {_one_line(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
@@ -82,11 +84,6 @@ def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
         NOTES.append(f"{spec} returned a model in training mode; it was put in eval mode "
                      "(inference semantics) for conversion and export")
     return model.eval()
-
-
-def _line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _read_state_dict(path: str, model: Any, spec: str) -> dict[str, Any]:
@@ -104,7 +101,7 @@ def _read_state_dict(path: str, model: Any, spec: str) -> dict[str, Any]:
             head = f.read(2)
         if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # zip or legacy pickle
             raise UsageError(f"cannot read weights {path!r}: it is not a torch.save file "
-                             f"({_line(e)[:100]})") from None
+                             f"({_one_line(e, 100)})") from None
         raise UsageError(f"weights {path!r} hold pickled Python objects (a whole model?), "
                          "not a state_dict of tensors; save model.state_dict() instead") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
@@ -209,7 +206,7 @@ def _random_input(shape: tuple[int, ...], g: Any = None) -> Any:
         return torch.randn(shape, generator=g)
     except RuntimeError as e:  # too large to allocate
         raise UsageError(f"--input-shape {','.join(map(str, shape))} is too large to allocate "
-                         f"({_line(e)[:100]})") from None
+                         f"({_one_line(e, 100)})") from None
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -362,7 +359,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except Exception as e:  # an unreadable or mismatched file is bad input
             if type(e).__name__ in ("InvalidGraph", "InvalidArgument", "Fail", "DecodeError",
                                     "NoSuchFile", "InvalidProtobuf"):
-                raise UsageError(f"cannot run {args.onnx_file!r} ({_line(e)[:160]}): export "
+                raise UsageError(f"cannot run {args.onnx_file!r} ({_one_line(e, 160)}): export "
                                  "it again with the same --model, --to and options") from None
             raise
     return _print_verification(v, providers)

@@ -6,6 +6,8 @@ unless ``strict=True`` asks for an error.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "NormSurgeonError",
     "ModelInTrainingModeError",
@@ -15,7 +17,24 @@ __all__ = [
     "ExportError",
     "VerificationError",
     "ConversionMismatchError",
+    "one_line",
 ]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """``Type: first meaningful line`` of the innermost cause of an exception, without terminal
+    colour codes, cut at ``limit`` characters (wrappers such as torch.export's say only
+    "step 1/3 ... Next steps:"; the cause says what went wrong)."""
+    seen = set()
+    while e.__cause__ is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__
+    text = _ANSI.sub("", str(e)).strip()
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    first = first if len(first) <= limit else first[: limit - 1] + "…"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class NormSurgeonError(Exception):

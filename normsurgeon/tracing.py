@@ -37,6 +37,8 @@ from torch.fx.proxy import Attribute
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .errors import one_line
+
 __all__ = [
     "is_batchnorm",
     "is_normsurgeon_layer",
@@ -372,11 +374,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _trace(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
     """Trace ``module``, undoing fx's habit of adding ``_tensor_constant*`` attributes to it.
 
@@ -423,7 +420,7 @@ def trace_regions(
             status[name] = "symbolic"
             return
         except Exception as e:
-            err = _one_line(e)
+            err = one_line(e, 160)
         if example is not None:
             try:
                 tracer = ConcreteTracer(_clone_inputs(example), leaf_types)
@@ -436,7 +433,7 @@ def trace_regions(
                          name or "<model>", err)
                 return
             except Exception as e2:  # noqa: BLE001 - reported, then we recurse
-                err = f"{err}; concrete: {_one_line(e2)}"
+                err = f"{err}; concrete: {one_line(e2, 160)}"
         status[name] = f"untraceable: {err}"
         log.info("%s is not traceable (%s); tracing its children", name or "<model>", err)
         for child_name, child in module.named_children():

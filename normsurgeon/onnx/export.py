@@ -14,7 +14,6 @@ import inspect
 import io
 import logging
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from torch import nn
 
 from .._args import as_inputs
 from ..errors import ExportError, VerificationError
+from ..errors import one_line as _one_line
 from ..tracing import eval_mode
 from . import ops
 
@@ -62,22 +62,6 @@ def _widen_batch(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """torch.export specialises size-1 dimensions; export with batch ≥ 2."""
     return tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0
                  and a.shape[0] == 1 else a for a in args)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    """``Type: first meaningful line`` of the innermost cause of an exception (torch.export's
-    own wrapper says only "step 1/3 ... Next steps:"), without terminal colour codes."""
-    seen = set()
-    while e.__cause__ is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__
-    text = _ANSI.sub("", str(e)).strip()
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    first = first if len(first) <= limit else first[: limit - 1] + "…"
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _forward_params(model: nn.Module) -> list[inspect.Parameter]:
