@@ -23,7 +23,7 @@ from .errors import (
     NormSurgeonError,
     StrictModeError,
 )
-from .functional import rel_error
+from .functional import float64_workspace, rel_error
 from .report import Action, ConversionReport, SiteRecord
 from .rules import get_transform
 from .rules.base import Context, Decision, prime_scale_shift
@@ -222,7 +222,8 @@ def _num_threads(n: int) -> Iterator[None]:
 def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: Any, *,
          inplace: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
          options: dict[str, Any], dry_run: bool, check: bool = False) -> ConversionResult:
-    """One conversion with the cyclic GC paused and torch's intra-op pool at one thread.
+    """One conversion with the cyclic GC paused, torch's intra-op pool at one thread and one
+    reused float64 work buffer (``functional.float64_workspace``: no page faults per block).
 
     A conversion's own tensor work is thousands of small float64 operations; each pays the
     intra-op pool's hand-off, which is cheap on idle cores and ruinous on busy ones (ResNet-50
@@ -230,7 +231,7 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     The model's own forwards (example-input recording, the self-check) run with the caller's
     thread count; the caller's setting is restored afterwards."""
     caller = torch.get_num_threads()
-    with _gc_paused(), _num_threads(1):
+    with _gc_paused(), _num_threads(1), float64_workspace():
         return _convert(model, to, example_inputs, include, exclude, inplace=inplace,
                         strict=strict, leaf_modules=leaf_modules, options=options,
                         dry_run=dry_run, check=check, threads=caller)

@@ -188,3 +188,56 @@ def test_batched_scale_shift_equals_one_at_a_time(specs, seed):
         t1 = t1 + b.double() if b is not None else t1
         assert s.dtype == t.dtype == torch.float64
         assert torch.equal(s, s1) and torch.equal(t, t1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 4000),
+                          st.sampled_from([torch.float32, torch.float16, torch.float64]),
+                          st.booleans()), min_size=1, max_size=5),
+       st.integers(0, 99))
+def test_float64_workspace_changes_no_bit_and_never_leaks(specs, seed):
+    """The reused work buffer (one per conversion) gives bitwise the same folds as fresh
+    buffers, in any order of sizes (it grows), never shares memory with a result, and never
+    scales the caller's weight (float64 weights included, where ``.to(float64)`` aliases)."""
+    from normsurgeon.functional import _BLOCK
+
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for cout, row, dtype, channels_last in specs:
+        w = torch.randn(cout, row, 1, 1, generator=g, dtype=torch.float64).to(dtype)
+        if channels_last:
+            w = w.to(memory_format=torch.channels_last)
+        s = torch.rand(cout, generator=g, dtype=torch.float64) + 0.5
+        cases.append((w, s, torch.randn(cout, generator=g, dtype=torch.float64)))
+    # rows above _BLOCK elements take the one-row-per-block path, and grow the buffer
+    cases.append((torch.randn(3, _BLOCK + 7, generator=g), torch.rand(3, dtype=torch.float64),
+                  torch.zeros(3, dtype=torch.float64)))
+    fresh = [Fn.fold_conv_bn(w, None, s, t, like=w) for w, s, t in cases]
+    before = [w.clone() for w, _, _ in cases]
+    with Fn.float64_workspace():
+        reused = [Fn.fold_conv_bn(w, None, s, t, like=w) for w, s, t in cases]
+        buf = Fn._local.buffers.get(torch.device("cpu"))
+    assert Fn._local.buffers is None  # closed again
+    assert buf is not None and buf.numel() >= _BLOCK + 7
+    span = (buf.data_ptr(), buf.data_ptr() + buf.numel() * 8)
+    for (w, _, _), w0, (wa, ba), (wb, bb) in zip(cases, before, fresh, reused):
+        assert torch.equal(w, w0)  # the caller's weight is untouched
+        assert torch.equal(wa, wb) and torch.equal(ba, bb)
+        assert wb.stride() == w.stride() and wb.dtype == w.dtype
+        lo = wb.data_ptr()
+        assert lo + wb.numel() * wb.element_size() <= span[0] or lo >= span[1]
+
+
+def test_float64_workspace_is_per_thread():
+    """Another thread's folds inside a workspace never see this thread's buffer."""
+    import threading
+
+    seen = []
+    with Fn.float64_workspace():
+        Fn.fold_conv_bn(torch.randn(4, 3), None, torch.ones(4, dtype=torch.float64),
+                        torch.zeros(4, dtype=torch.float64), like=torch.randn(4, 3))
+        t = threading.Thread(target=lambda: seen.append(getattr(Fn._local, "buffers", None)))
+        t.start()
+        t.join()
+        assert Fn._local.buffers  # this thread's buffer exists
+    assert seen == [None]
