@@ -316,3 +316,124 @@ def test_rbn_body_is_as_accurate_as_the_eager_layer(tmp_path):
     _, plain_file = distances(plain, "plain.onnx")
     for level, d in rbn_file.items():
         assert d <= 2 * max(eager, plain_file[level], 1e-7), (level, d, eager, plain_file)
+
+
+# --- issue 12: the CBN layers' MLPs computed together at export --------------------------------
+def _trained(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every CBN a non-zero last MLP layer (as after training), so deltas matter."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in m.modules():
+        if isinstance(layer, ns.layers.cbn._ConditionalBatchNorm):
+            with torch.no_grad():
+                for p in layer.cond_mlp[2].parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+class _TwoConditions(torch.nn.Module):
+    """Hand-built CBN net: layers of two widths, one of another hidden width, called with two
+    different conditions."""
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        super().__init__()
+        from normsurgeon.layers import ConditionalBatchNorm2d as CBN
+
+        kw = dict(num_classes=num_classes)
+        self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, padding=1), CBN(8, 6, **kw)
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), CBN(8, 6, **kw)
+        self.c3, self.b3 = torch.nn.Conv2d(8, 16, 3, padding=1), CBN(16, 6, **kw)
+        self.b4 = CBN(16, 6, hidden_dim=32, **kw)
+
+    def forward(self, x, ca, cb):
+        y = torch.relu(self.b1(self.c1(x), ca))
+        y = torch.relu(self.b2(self.c2(y), cb))
+        y = self.b3(self.c3(y), ca)
+        return self.b4(y, cb)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_condition_bank_exports_what_each_layer_computes(tmp_path, labels):
+    """Layers of one family share one batched MLP per condition object; a layer of another
+    hidden width keeps its own; two conditions give two computations. The file verifies
+    against the eager model, and the graph has no per-site Gemm for the shared layers."""
+    model = randomize_bn(_trained(_TwoConditions(4 if labels else None))).eval()
+    ca, cb = ((torch.tensor([0, 3]), torch.tensor([2, 1])) if labels
+              else (torch.randn(2, 6), torch.randn(2, 6)))
+    bank = ns.layers.cbn.ConditionBank(list(model.modules()))
+    assert len(bank) == 3  # b1, b2, b3; b4 is alone in its family
+    for layer, cond in ((model.b1, ca), (model.b2, cb), (model.b3, ca)):
+        e = layer.embedding(cond) if labels else cond
+        ref = layer._export_affine(e)
+        got = bank.affine(layer, cond, torch.float32)
+        assert got.shape == ref.shape == (2, 2 * layer.num_features)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert bank.affine(model.b4, cb, torch.float32) is None
+    res = ns.export_onnx(model, (X, ca, cb), tmp_path / "m.onnx", verify=True)
+    assert res.verification and res.verification.max_rel() <= 1e-5
+    ops_ = [n.op_type for n in res.model.graph.node]
+    # b4 alone: Gemm, Relu, Gemm; the family: per condition one first layer and one MatMul
+    # per channel width (8 and 16)
+    assert ops_.count("Gemm") + ops_.count("MatMul") <= 2 + 2 * 3
+
+
+def test_condition_bank_leaves_hooked_or_custom_layers_alone(tmp_path):
+    """A hook on a layer's MLP (or an MLP that is not Linear-ReLU-Linear) is honoured: that
+    layer is exported through its own path, and the file still matches the eager model."""
+    model = randomize_bn(_trained(_TwoConditions())).eval()
+    model.b2.cond_mlp.register_forward_hook(lambda m, i, o: o * 2)
+    model.b3.cond_mlp = torch.nn.Sequential(*model.b3.cond_mlp[:2], torch.nn.Tanh(),
+                                            model.b3.cond_mlp[2])
+    bank = ns.layers.cbn.ConditionBank(list(model.modules()))
+    assert len(bank) == 0  # b1 is left alone in its family
+    ca, cb = torch.randn(2, 6), torch.randn(2, 6)
+    res = ns.export_onnx(model, (X, ca, cb), tmp_path / "m.onnx", verify=True)
+    assert res.verification and res.verification.max_rel() <= 1e-5
+
+
+def test_resnet_cbn_graph_has_one_gather_per_site(tmp_path):
+    """pytorchcv resnet10 as CBN: per site one Gather and the op (no Slices, no per-site
+    Gemm), and the file verifies."""
+    from pytorchcv.models.resnet import resnet10
+
+    model = randomize_bn(resnet10(num_classes=10)).eval()
+    cbn = _trained(ns.convert(model, "cbn", cond_dim=8))
+    x, cond = torch.randn(2, 3, 224, 224), torch.randn(2, 8)
+    res = ns.export_onnx(cbn, (x, cond), tmp_path / "m.onnx", verify=True)
+    assert res.verification and res.verification.max_rel() <= 1e-5
+    counts = res.op_counts()
+    sites = counts["normsurgeon::ConditionalBatchNormalization"]
+    assert sites == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert counts.get("Gather", 0) == sites and counts.get("Slice", 0) <= 4
+    assert counts.get("Gemm", 0) <= 2  # the shared first layer and the classifier
+
+
+def test_graph_checks_on_the_weight_free_view_still_catch_errors(tmp_path):
+    """The post-export check runs on a view without the large weights; it must still refuse a
+    broken graph (a node reading an undefined value, a wrong shape) and a truncated weight."""
+    from normsurgeon.errors import ExportError
+    from normsurgeon.onnx.export import _check, _weight_free
+
+    nn = torch.nn
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(),
+                                       nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))).eval()
+    res = ns.export_onnx(model, (X,), tmp_path / "m.onnx")
+    _check(res.model)  # the real file passes
+    light = _weight_free(res.model)
+    assert len(light.graph.initializer) < len(res.model.graph.initializer)
+    assert light.ByteSize() < res.model.ByteSize() / 2
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(res.model)
+    bad.graph.node[0].input[0] = "nowhere"
+    with pytest.raises(ExportError, match="invalid"):
+        _check(bad)
+
+    bad.CopyFrom(res.model)
+    big = max(bad.graph.initializer, key=lambda t: len(t.raw_data))
+    big.dims[0] += 1  # the Conv weight no longer fits the graph's shapes...
+    with pytest.raises(ExportError):
+        _check(bad)
+    big.dims[0] -= 1
+    big.raw_data = big.raw_data[: len(big.raw_data) // 2]  # ...or holds half its data
+    with pytest.raises(ExportError, match="less data"):
+        _check(bad)

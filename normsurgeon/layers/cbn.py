@@ -12,6 +12,9 @@ condition. With ``num_classes`` the condition is an integer label ``y ∈ [0, K)
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,7 +27,7 @@ from ._common import NormStatsMixin, instance_moments, per_sample_affine
 
 __all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d",
            "ConditionSpec", "check_condition", "ConditionSlot", "ConditionCheck",
-           "unambiguous_batch"]
+           "unambiguous_batch", "ConditionBank", "shared_condition_bank"]
 
 
 class ConditionSpec:
@@ -187,17 +190,21 @@ class _ConditionalBatchNorm(NormStatsMixin):
             raise ValueError(f"{type(self).__name__} expected a {self._dims}-D input, got "
                              f"shape {tuple(x.shape)}")
         check_condition(cond, x.shape[0], self.spec)
-        e = self.embedding(cond) if self.embedding is not None else cond
-        c = self.num_features
         self._check_input(x)
         if current_export_mode() == "custom":
             if self.running_mean is None or self.uses_batch_stats():
                 raise RuntimeError("ONNX export of a CBN needs running statistics (eval mode, "
                                    "track_running_stats=True)")
-            gamma, beta = self._export_affine(e.to(x.dtype))
+            bank = _BANK.current
+            affine = bank.affine(self, cond, x.dtype) if bank is not None else None
+            if affine is None:
+                e = self.embedding(cond) if self.embedding is not None else cond
+                affine = self._export_affine(e.to(x.dtype))
             record_cbn_rank(x.dim())
-            return torch.ops.normsurgeon.cbn(x, gamma, beta, self.running_mean,
-                                             self.running_var, self.eps)
+            return torch.ops.normsurgeon.cbn(x, affine, self.running_mean, self.running_var,
+                                             self.eps)
+        e = self.embedding(cond) if self.embedding is not None else cond
+        c = self.num_features
         delta = self.cond_mlp(e.to(x.dtype))
         gamma = delta[:, :c] + (self.weight if self.weight is not None else 1.0)
         beta = delta[:, c:] + self.bias if self.bias is not None else delta[:, c:]
@@ -212,25 +219,23 @@ class _ConditionalBatchNorm(NormStatsMixin):
         shift = beta - mean * alpha
         return per_sample_affine(x, alpha, shift)
 
-    def _export_affine(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        """``(γ + Δγ, β + Δβ)`` for export, with γ and β folded into the bias of the MLP's
-        last Linear: ``W₂h + (b₂ + [γ; β])``. The exported graph then holds one Gemm whose
-        bias is a constant expression (folded by onnxruntime) instead of a Gemm and two Adds
-        per site. Same math as forward, up to float rounding order. (Eager forward keeps
+    def _export_affine(self, e: Tensor) -> Tensor:
+        """``[γ + Δγ | β + Δβ]`` (N, 2C) for export, with γ and β folded into the bias of the
+        MLP's last Linear: ``W₂h + (b₂ + [γ; β])``. The exported graph then holds one Gemm
+        whose bias is a constant expression (folded by onnxruntime) instead of a Gemm and two
+        Adds per site. Same math as forward, up to float rounding order. (Eager forward keeps
         ``delta + [γ; β]``: using this form there made a CBN training step ~5% slower,
         measured on a 4×256×56×56 layer.)"""
-        c = self.num_features
-        *body, last = self.cond_mlp
-        if not isinstance(last, nn.Linear) or last.bias is None:
-            delta = self.cond_mlp(e)
-            base = torch.cat(self._base_affine(delta))
-            both = delta + base
-        else:
-            h = e
-            for layer in body:
-                h = layer(h)
-            both = F.linear(h, last.weight, last.bias + torch.cat(self._base_affine(last.bias)))
-        return both[:, :c], both[:, c:]
+        mlp = self.cond_mlp
+        last = mlp[-1] if isinstance(mlp, nn.Sequential) and len(mlp) else None
+        if (type(mlp) is not nn.Sequential or not isinstance(last, nn.Linear)
+                or last.bias is None or not _hook_free([mlp, last])):
+            delta = mlp(e)  # as forward computes it: its own hooks and overrides run
+            return delta + torch.cat(self._base_affine(delta))
+        h = e
+        for layer in mlp[:-1]:
+            h = layer(h)
+        return F.linear(h, last.weight, last.bias + torch.cat(self._base_affine(last.bias)))
 
     def _base_affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
         c = self.num_features
@@ -266,3 +271,164 @@ class ConditionalBatchNorm3d(_ConditionalBatchNorm):
     """CBN for (N, C, D, H, W) inputs."""
 
     _dims = 5
+
+
+# -- one batched delta computation for many CBN layers (export) ----------------------------
+class _BankSlot(threading.local):
+    current: ConditionBank | None = None
+
+
+_BANK = _BankSlot()
+
+
+def _bankable(layer: nn.Module) -> bool:
+    """Whether ``layer``'s ``[γ + Δγ | β + Δβ]`` may be computed by a :class:`ConditionBank`:
+    a CBN whose export path is the stock one, whose delta predictor is exactly
+    ``Linear → ReLU → Linear`` with biases after a stock ``Embedding`` (no ``max_norm``: that
+    renormalises in place) or none, with no hooks on any of them (a bank would bypass them)."""
+    if not isinstance(layer, _ConditionalBatchNorm) or (
+            type(layer)._export_affine is not _ConditionalBatchNorm._export_affine):
+        return False
+    mlp, emb = layer.cond_mlp, layer.embedding
+    if type(mlp) is not nn.Sequential or len(mlp) != 3:
+        return False
+    l1, act, l2 = mlp
+    if (type(l1), type(act), type(l2)) != (nn.Linear, nn.ReLU, nn.Linear) or (
+            l1.bias is None or l2.bias is None):
+        return False
+    if emb is not None and (type(emb) is not nn.Embedding or emb.max_norm is not None):
+        return False
+    return _hook_free([mlp, l1, act, l2] + ([emb] if emb is not None else []))
+
+
+def _hook_free(mods: list[nn.Module]) -> bool:
+    """No forward, pre-forward or backward hook on any of ``mods``, and no global one."""
+    from torch.nn.modules import module as _m
+
+    if (_m._global_forward_hooks or _m._global_forward_pre_hooks
+            or _m._global_backward_hooks or _m._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   or m._backward_pre_hooks for m in mods)
+
+
+def _family_key(layer: _ConditionalBatchNorm) -> tuple[Any, ...]:
+    l1 = layer.cond_mlp[0]
+    emb = layer.embedding
+    tensors = [p for p in layer.parameters()]
+    same = len({(t.dtype, t.device) for t in tensors}) == 1
+    return (l1.in_features, l1.out_features, emb.num_embeddings if emb is not None else None,
+            l1.weight.dtype, l1.weight.device, same)
+
+
+class _Family:
+    r"""CBN layers with the same condition width E, hidden width H, label count and dtype.
+
+    With the layers ordered by channel count, ``H_all = relu(W₁ e + b₁)`` is one Gemm for all S
+    layers (float condition: ``W₁`` is the layers' first weights stacked, (S·H, E)) or one
+    Gather and one batched MatMul (labels: ``e`` is the layers' embedding tables side by side,
+    (K, S·E), and ``W₁`` is (S, E, H)). Layers with the same channel count C then share one
+    batched MatMul ``H_g W₂ᵀ + (b₂ + [γ; β])`` → (S_g, N, 2C), whose row j is layer j's affine:
+    the per-site graph is one Gather."""
+
+    def __init__(self, layers: list[_ConditionalBatchNorm]) -> None:
+        layers = sorted(layers, key=lambda m: m.num_features)  # stable: groups contiguous
+        first = [m.cond_mlp[0] for m in layers]
+        self.count, self.hidden = len(layers), first[0].out_features
+        self.width, self.dtype = first[0].in_features, first[0].weight.dtype
+        self.labels = layers[0].embedding is not None
+        with torch.no_grad():
+            if self.labels:
+                self.table = torch.cat([m.embedding.weight for m in layers], 1)
+                self.w1 = torch.stack([lin.weight.t() for lin in first]).contiguous()
+                self.b1 = torch.stack([lin.bias for lin in first]).unsqueeze(1)
+            else:
+                self.w1 = torch.cat([lin.weight for lin in first])
+                self.b1 = torch.cat([lin.bias for lin in first])
+            self.groups: list[tuple[int, int, Tensor, Tensor]] = []
+            self.index: dict[int, tuple[int, int]] = {}
+            start = 0
+            while start < len(layers):
+                c = layers[start].num_features
+                end = start
+                while end < len(layers) and layers[end].num_features == c:
+                    self.index[id(layers[end])] = (len(self.groups), end - start)
+                    end += 1
+                part = layers[start:end]
+                w2t = torch.stack([m.cond_mlp[2].weight.t() for m in part]).contiguous()
+                bias = torch.stack([m.cond_mlp[2].bias + torch.cat(m._base_affine(
+                    m.cond_mlp[2].bias)) for m in part]).unsqueeze(1)
+                self.groups.append((start, end, w2t, bias))
+                start = end
+
+    def compute(self, cond: Tensor) -> list[Tensor]:
+        """``[(S_g, N, 2C)]`` per channel group, for the raw condition ``cond``."""
+        s, e, h = self.count, self.width, self.hidden
+        if self.labels:
+            emb = F.embedding(cond, self.table).reshape(-1, s, e).transpose(0, 1)
+            hid = torch.relu(torch.matmul(emb, self.w1) + self.b1)          # (S, N, H)
+        else:
+            hid = torch.relu(F.linear(cond.to(self.dtype), self.w1, self.b1))  # (N, S·H)
+            hid = hid.reshape(-1, s, h).transpose(0, 1)                       # (S, N, H)
+        return [torch.matmul(hid[a:b], w2t) + bias for a, b, w2t, bias in self.groups]
+
+
+class ConditionBank:
+    """Every bankable CBN layer's ``[γ + Δγ | β + Δβ]`` from one batched computation per
+    condition (per family of alike layers), instead of a Gemm, a ReLU and a Gemm per layer.
+
+    Used while exporting: a ResNet-50 CBN graph then holds one Gather per site where it held
+    six nodes, which is what the exporter's decompositions and optimiser pay for. Results are
+    cached per condition *object*, so layers called with different conditions each get
+    their own; a layer the bank cannot prove it computes exactly as the layer would
+    (:func:`_bankable`) is left to its own export path."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        families: dict[tuple[Any, ...], list[_ConditionalBatchNorm]] = {}
+        for m in layers:
+            if _bankable(m):
+                key = _family_key(m)
+                if key[-1]:  # one dtype and device for the whole layer
+                    families.setdefault(key, []).append(m)
+        self._where: dict[int, tuple[_Family, int, int]] = {}
+        self._keep: list[nn.Module] = []
+        for members in families.values():
+            if len({id(m) for m in members}) < 2:
+                continue  # nothing to share
+            fam = _Family(list({id(m): m for m in members}.values()))
+            for m in members:
+                g, j = fam.index[id(m)]
+                self._where[id(m)] = (fam, g, j)
+            self._keep.extend(members)
+        self._cache: dict[tuple[int, int], tuple[Tensor, list[Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def affine(self, layer: nn.Module, cond: Any, dtype: torch.dtype) -> Tensor | None:
+        """``layer``'s (N, 2C) affine for the raw condition ``cond``, or ``None`` when the
+        bank does not hold the layer (or the input's dtype differs from the layer's)."""
+        where = self._where.get(id(layer))
+        if where is None or not isinstance(cond, Tensor):
+            return None
+        fam, g, j = where
+        if dtype != fam.dtype:
+            return None
+        key = (id(cond), id(fam))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not cond:
+            hit = self._cache[key] = (cond, fam.compute(cond))
+        return hit[1][g][j]
+
+
+@contextmanager
+def shared_condition_bank(model: nn.Module) -> Iterator[ConditionBank]:
+    """While active (on this thread), the CBN layers of ``model`` take their export-time
+    affine from one :class:`ConditionBank`."""
+    bank = ConditionBank(list(model.modules()))
+    before = _BANK.current
+    _BANK.current = bank
+    try:
+        yield bank
+    finally:
+        _BANK.current = before

@@ -25,6 +25,7 @@ from torch import nn
 from .._args import as_inputs
 from ..errors import ExportError, VerificationError
 from ..errors import one_line as _one_line
+from ..layers.cbn import shared_condition_bank
 from ..tracing import eval_mode
 from . import ops
 
@@ -198,7 +199,8 @@ def export_onnx(
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
     try:
-        with ops.export_mode("custom") as cbn_ranks:  # the layers call the custom ops
+        # the layers call the custom ops, their MLPs computed together (layers.cbn)
+        with ops.export_mode("custom") as cbn_ranks, shared_condition_bank(model):
             try:
                 proto = _export_dynamo(model, export_args, dynamic_shapes, opset, in_names,
                                        out_names)
@@ -297,9 +299,9 @@ def _register_symbolics(opset: int) -> None:
     from torch.onnx import register_custom_op_symbolic
     from torch.onnx.symbolic_helper import parse_args
 
-    @parse_args("v", "v", "v", "v", "v", "f")
-    def cbn(g, x, scale, bias, mean, var, eps):  # noqa: ANN001, ANN202
-        return g.op(f"{ops.DOMAIN}::{ops.CBN_OP}", x, scale, bias, mean, var, epsilon_f=eps)
+    @parse_args("v", "v", "v", "v", "f")
+    def cbn(g, x, affine, mean, var, eps):  # noqa: ANN001, ANN202
+        return g.op(f"{ops.DOMAIN}::{ops.CBN_OP}", x, affine, mean, var, epsilon_f=eps)
 
     @parse_args("v", "v", "v", "v", "v", "v", "v", "v", "f")
     def rbn(g, x, w_c, w_v, b_v, gamma, beta, mean, var, eps):  # noqa: ANN001, ANN202
@@ -345,11 +347,59 @@ def _export_torchscript(model: nn.Module, args: tuple[Any, ...], dynamic_batch: 
 
 
 def _check(proto: Any) -> None:
+    """Full ONNX check and strict shape inference (with data propagation) of the graph, on a
+    weight-free view of it (:func:`_weight_free`): both serialise the model they are given,
+    which for a 100 MB file was most of their time. The weights left out are checked for size
+    here."""
     import onnx
 
     try:
-        onnx.checker.check_model(proto, full_check=True)
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
+        light = _weight_free(proto)
+        onnx.checker.check_model(light, full_check=True)
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True,
                                           data_prop=True)
     except Exception as e:
         raise ExportError(f"the exported graph is invalid: {e}") from e
+
+
+_LIGHT_MAX = 256  # initializers with more elements leave the checked view (floats only)
+
+
+def _weight_free(proto: Any) -> Any:
+    """A copy of ``proto`` whose large float initializers are graph inputs of the same name,
+    type and shape: what the checker and shape inference see of them is unchanged (data
+    propagation reads only small integer tensors, which stay). Each one left out must hold
+    exactly its dims' worth of data."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    light = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
+              "doc_string"):
+        setattr(light, f, getattr(proto, f))
+    light.opset_import.extend(proto.opset_import)
+    light.metadata_props.extend(proto.metadata_props)
+    light.functions.extend(proto.functions)
+    g, lg = proto.graph, light.graph
+    lg.name, lg.doc_string = g.name, g.doc_string
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    lg.sparse_initializer.extend(g.sparse_initializer)
+    names = {i.name for i in g.input}
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if t.data_type not in floats or n <= _LIGHT_MAX or t.data_location != 0:
+            lg.initializer.append(t)
+            continue
+        size = n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if t.ByteSize() < size:
+            raise ExportError(f"initializer {t.name!r} holds less data than its shape "
+                              f"{list(t.dims)} needs")
+        if t.name not in names:
+            lg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light

@@ -1,10 +1,14 @@
 r"""The ``normsurgeon`` ONNX domain, in one place: torch custom ops, OpSchemas, onnxscript
 translations and the ONNX function bodies (docs/onnx.md).
 
-``ConditionalBatchNormalization(X, scale, bias, mean, var; epsilon)``, scale/bias (N, C):
+``ConditionalBatchNormalization(X, affine, mean, var; epsilon)``, affine (N, 2C) holding the
+per-sample scale and bias side by side, ``[γ + Δγ | β + Δβ]`` (the MLP's output, whole):
 
+    scale, bias = Split(affine, axis=1)
     Xb = BatchNormalization(X, 1, 0, mean, var)          # foldable into the producing Conv
     Y  = Xb · scale[:, :, None…] + bias[:, :, None…]
+
+(Version 1 took scale and bias as two inputs: two Slices per site in every graph.)
 
 ``RepresentativeBatchNormalization(X, w_c, w_v, b_v, gamma, beta, mean, var; epsilon)``, eval
 mode (``gamma`` is the layer's γ / r₀), in the eager layer's own order of operations: with
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DOMAIN = "normsurgeon"
-VERSION = 1
+VERSION = 2  # 2: CBN takes the (N, 2C) affine whole
 CBN_OP = "ConditionalBatchNormalization"
 RBN_OP = "RepresentativeBatchNormalization"
 BODY_OPSET = 18
@@ -67,8 +71,9 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape((t.shape[0], t.shape[1]) + (1,) * (x.dim() - 2))
 
 
-def cbn_reference(x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
-                  eps: float) -> Tensor:
+def cbn_reference(x: Tensor, affine: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """``BN(x; mean, var)·scale + bias`` per sample, ``[scale | bias] = affine`` (N, 2C)."""
+    scale, bias = affine.chunk(2, dim=1)
     xb = F.batch_norm(x, mean, var, None, None, False, 0.0, eps)
     return xb * _per_channel(scale, x) + _per_channel(bias, x)
 
@@ -90,13 +95,12 @@ def rbn_reference(x: Tensor, w_c: Tensor, w_v: Tensor, b_v: Tensor, gamma: Tenso
 
 
 @torch.library.custom_op("normsurgeon::cbn", mutates_args=())
-def _cbn_op(x: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
-            eps: float) -> Tensor:
-    return cbn_reference(x, scale, bias, mean, var, eps)
+def _cbn_op(x: Tensor, affine: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    return cbn_reference(x, affine, mean, var, eps)
 
 
 @_cbn_op.register_fake
-def _(x, scale, bias, mean, var, eps):  # noqa: ANN001, ANN202
+def _(x, affine, mean, var, eps):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
 
 
@@ -124,7 +128,7 @@ def register_schemas() -> None:
         return OpSchema.FormalParameter(name, "T", doc)
 
     specs = {
-        CBN_OP: ["X", "scale", "bias", "mean", "var"],
+        CBN_OP: ["X", "affine", "mean", "var"],
         RBN_OP: ["X", "centering_weight", "scaling_weight", "scaling_bias", "gamma", "beta",
                  "mean", "var"],
     }
@@ -146,9 +150,9 @@ def translation_table() -> dict:
     register_schemas()
     ns = onnxscript.values.Opset(DOMAIN, VERSION)
 
-    def cbn(x: onnxscript.FLOAT, scale: onnxscript.FLOAT, bias: onnxscript.FLOAT,
-            mean: onnxscript.FLOAT, var: onnxscript.FLOAT, eps: float) -> onnxscript.FLOAT:
-        return ns.ConditionalBatchNormalization(x, scale, bias, mean, var, epsilon=eps)
+    def cbn(x: onnxscript.FLOAT, affine: onnxscript.FLOAT, mean: onnxscript.FLOAT,
+            var: onnxscript.FLOAT, eps: float) -> onnxscript.FLOAT:
+        return ns.ConditionalBatchNormalization(x, affine, mean, var, epsilon=eps)
 
     def rbn(x: onnxscript.FLOAT, w_c: onnxscript.FLOAT, w_v: onnxscript.FLOAT,
             b_v: onnxscript.FLOAT, gamma: onnxscript.FLOAT, beta: onnxscript.FLOAT,
@@ -158,7 +162,7 @@ def translation_table() -> dict:
 
     # this module uses postponed annotations; the exporter needs real ones (return type too)
     t = onnxscript.FLOAT
-    cbn.__annotations__ = {"x": t, "scale": t, "bias": t, "mean": t, "var": t, "eps": float,
+    cbn.__annotations__ = {"x": t, "affine": t, "mean": t, "var": t, "eps": float,
                            "return": t}
     rbn.__annotations__ = {"x": t, "w_c": t, "w_v": t, "b_v": t, "gamma": t, "beta": t,
                            "mean": t, "var": t, "eps": float, "return": t}
@@ -222,13 +226,14 @@ def function_protos(opset: int, cbn_rank: int | None = None) -> dict[str, object
         node("Exp", ["zero_c"], ["one_c"]),
     ]
 
-    # CBN: Y = BN(X)·scale + bias, per sample ------------------------------------------------
+    # CBN: [scale | bias] = affine; Y = BN(X)·scale + bias, per sample ----------------------
     cbn_nodes = (common + ([const_i64("ps_head", [0, 0])] if cbn_rank is None else [])
+                 + [node("Split", ["affine"], ["scale", "bias"], axis=1, num_outputs=2)]
                  + unit_bn("X", "Xb") + per_sample_affine("Xb", "scale", "bias", "Y",
                                                           rank=cbn_rank))
     opsets = [helper.make_opsetid("", opset)]
     eps_default = [helper.make_attribute("epsilon", 1e-5)]
-    cbn = helper.make_function(DOMAIN, CBN_OP, ["X", "scale", "bias", "mean", "var"], ["Y"],
+    cbn = helper.make_function(DOMAIN, CBN_OP, ["X", "affine", "mean", "var"], ["Y"],
                                cbn_nodes, opsets, attributes=[], attribute_protos=eps_default)
 
     # RBN: the eager layer's own order of operations, one affine on X (no cancellation) ----
