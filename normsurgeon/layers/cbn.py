@@ -196,13 +196,14 @@ class _ConditionalBatchNorm(NormStatsMixin):
                 raise RuntimeError("ONNX export of a CBN needs running statistics (eval mode, "
                                    "track_running_stats=True)")
             bank = _BANK.current
-            affine = bank.affine(self, cond, x.dtype) if bank is not None else None
-            if affine is None:
+            shared = bank.affine(self, cond, x.dtype) if bank is not None else None
+            if shared is None:  # on its own: a table of one row
                 e = self.embedding(cond) if self.embedding is not None else cond
-                affine = self._export_affine(e.to(x.dtype))
+                shared = self._export_affine(e.to(x.dtype)).unsqueeze(0), 0
             record_cbn_rank(x.dim())
-            return torch.ops.normsurgeon.cbn(x, affine, self.running_mean, self.running_var,
-                                             self.eps)
+            table, row = shared
+            return torch.ops.normsurgeon.cbn(x, table, self.running_mean, self.running_var,
+                                             self.eps, row)
         e = self.embedding(cond) if self.embedding is not None else cond
         c = self.num_features
         delta = self.cond_mlp(e.to(x.dtype))
@@ -287,7 +288,9 @@ def _bankable(layer: nn.Module) -> bool:
     ``Linear → ReLU → Linear`` with biases after a stock ``Embedding`` (no ``max_norm``: that
     renormalises in place) or none, with no hooks on any of them (a bank would bypass them)."""
     if not isinstance(layer, _ConditionalBatchNorm) or (
-            type(layer)._export_affine is not _ConditionalBatchNorm._export_affine):
+            type(layer)._export_affine is not _ConditionalBatchNorm._export_affine) or (
+            type(layer).forward not in (_ConditionalBatchNorm.forward,
+                                        ConditionalBatchNorm1d.forward)):
         return False
     mlp, emb = layer.cond_mlp, layer.embedding
     if type(mlp) is not nn.Sequential or len(mlp) != 3:
@@ -329,7 +332,7 @@ class _Family:
     Gather and one batched MatMul (labels: ``e`` is the layers' embedding tables side by side,
     (K, S·E), and ``W₁`` is (S, E, H)). Layers with the same channel count C then share one
     batched MatMul ``H_g W₂ᵀ + (b₂ + [γ; β])`` → (S_g, N, 2C), whose row j is layer j's affine:
-    the per-site graph is one Gather."""
+    the ``normsurgeon`` op takes the table and the row, so a site adds no node of its own."""
 
     def __init__(self, layers: list[_ConditionalBatchNorm]) -> None:
         layers = sorted(layers, key=lambda m: m.num_features)  # stable: groups contiguous
@@ -377,8 +380,9 @@ class ConditionBank:
     """Every bankable CBN layer's ``[γ + Δγ | β + Δβ]`` from one batched computation per
     condition (per family of alike layers), instead of a Gemm, a ReLU and a Gemm per layer.
 
-    Used while exporting: a ResNet-50 CBN graph then holds one Gather per site where it held
-    six nodes, which is what the exporter's decompositions and optimiser pay for. Results are
+    Used while exporting: a ResNet-50 CBN graph then holds no node per site besides the op,
+    where it held six, and the exporter's capture, decompositions and optimiser pay per node
+    (~5 ms each on a 2-core machine). Results are
     cached per condition *object*, so layers called with different conditions each get
     their own; a layer the bank cannot prove it computes exactly as the layer would
     (:func:`_bankable`) is left to its own export path."""
@@ -405,9 +409,12 @@ class ConditionBank:
     def __len__(self) -> int:
         return len(self._where)
 
-    def affine(self, layer: nn.Module, cond: Any, dtype: torch.dtype) -> Tensor | None:
-        """``layer``'s (N, 2C) affine for the raw condition ``cond``, or ``None`` when the
-        bank does not hold the layer (or the input's dtype differs from the layer's)."""
+    def affine(self, layer: nn.Module, cond: Any, dtype: torch.dtype
+               ) -> tuple[Tensor, int] | None:
+        """``(table, row)``: ``table[row]`` is ``layer``'s (N, 2C) affine for the raw condition
+        ``cond`` (``table`` is its channel group's (S_g, N, 2C), shared with the group: no
+        per-site op, the ``normsurgeon`` op picks the row). ``None`` when the bank does not
+        hold the layer (or the input's dtype differs from the layer's)."""
         where = self._where.get(id(layer))
         if where is None or not isinstance(cond, Tensor):
             return None
@@ -418,17 +425,33 @@ class ConditionBank:
         hit = self._cache.get(key)
         if hit is None or hit[0] is not cond:
             hit = self._cache[key] = (cond, fam.compute(cond))
-        return hit[1][g][j]
+        return hit[1][g], j
 
 
 @contextmanager
-def shared_condition_bank(model: nn.Module) -> Iterator[ConditionBank]:
-    """While active (on this thread), the CBN layers of ``model`` take their export-time
-    affine from one :class:`ConditionBank`."""
-    bank = ConditionBank(list(model.modules()))
+def shared_condition_bank(model: nn.Module) -> Iterator[nn.Module]:
+    """While active (on this thread), CBN layers take their export-time affine from one
+    :class:`ConditionBank`. Yields the module to export: where the bank holds layers, a copy
+    of ``model`` that shares every tensor with it and whose banked layers keep only what the
+    ``normsurgeon`` op reads (running statistics, ε), so the exported program carries no unused
+    MLP weights, γ or β (their values are in the bank's constants); else ``model`` itself.
+    ``model`` is not changed."""
+    from .._copy import deepcopy_module
+
+    target = model
+    if sum(_bankable(m) for m in model.modules()) >= 2:
+        shared: dict[int, Any] = {id(t): t for t in model.parameters()}
+        shared.update((id(t), t) for t in model.buffers())
+        target = deepcopy_module(model, shared)
+    bank = ConditionBank(list(target.modules()))
+    if target is not model:
+        for m in bank._keep:
+            m.cond_mlp = nn.Sequential()
+            m.embedding = None
+            m.weight = m.bias = None
     before = _BANK.current
     _BANK.current = bank
     try:
-        yield bank
+        yield target
     finally:
         _BANK.current = before

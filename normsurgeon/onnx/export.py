@@ -200,9 +200,9 @@ def export_onnx(
     torch_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
     try:
         # the layers call the custom ops, their MLPs computed together (layers.cbn)
-        with ops.export_mode("custom") as cbn_ranks, shared_condition_bank(model):
+        with ops.export_mode("custom") as cbn_ranks, shared_condition_bank(model) as target:
             try:
-                proto = _export_dynamo(model, export_args, dynamic_shapes, opset, in_names,
+                proto = _export_dynamo(target, export_args, dynamic_shapes, opset, in_names,
                                        out_names)
             except Exception as e:  # torch.export cannot capture it: trace it instead
                 fallback = _one_line(e)
@@ -211,8 +211,9 @@ def export_onnx(
                 exporter = "torchscript"
                 cbn_ranks.clear()
                 try:
-                    proto, specialized = _export_torchscript(model, export_args, dynamic_batch,
-                                                             opset, in_names, out_names)
+                    proto, specialized = _export_torchscript(target, export_args,
+                                                             dynamic_batch, opset, in_names,
+                                                             out_names)
                 except Exception as e2:
                     raise ExportError(
                         f"both exporters failed. torch.export: {fallback}; TorchScript: "
@@ -299,9 +300,10 @@ def _register_symbolics(opset: int) -> None:
     from torch.onnx import register_custom_op_symbolic
     from torch.onnx.symbolic_helper import parse_args
 
-    @parse_args("v", "v", "v", "v", "f")
-    def cbn(g, x, affine, mean, var, eps):  # noqa: ANN001, ANN202
-        return g.op(f"{ops.DOMAIN}::{ops.CBN_OP}", x, affine, mean, var, epsilon_f=eps)
+    @parse_args("v", "v", "v", "v", "f", "i")
+    def cbn(g, x, affine, mean, var, eps, row):  # noqa: ANN001, ANN202
+        return g.op(f"{ops.DOMAIN}::{ops.CBN_OP}", x, affine, mean, var, epsilon_f=eps,
+                    row_i=row)
 
     @parse_args("v", "v", "v", "v", "v", "v", "v", "v", "f")
     def rbn(g, x, w_c, w_v, b_v, gamma, beta, mean, var, eps):  # noqa: ANN001, ANN202

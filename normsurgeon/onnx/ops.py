@@ -1,14 +1,16 @@
 r"""The ``normsurgeon`` ONNX domain, in one place: torch custom ops, OpSchemas, onnxscript
 translations and the ONNX function bodies (docs/onnx.md).
 
-``ConditionalBatchNormalization(X, affine, mean, var; epsilon)``, affine (N, 2C) holding the
-per-sample scale and bias side by side, ``[γ + Δγ | β + Δβ]`` (the MLP's output, whole):
+``ConditionalBatchNormalization(X, affine, mean, var; epsilon, row)``: ``affine`` (S, N, 2C)
+holds the per-sample scale and bias side by side, ``[γ + Δγ | β + Δβ]``, of S layers that
+share one MLP computation (S = 1 for a layer on its own); the node uses row ``row``:
 
-    scale, bias = Split(affine, axis=1)
+    scale, bias = Split(Gather(affine, row, axis=0), axis=1)
     Xb = BatchNormalization(X, 1, 0, mean, var)          # foldable into the producing Conv
     Y  = Xb · scale[:, :, None…] + bias[:, :, None…]
 
-(Version 1 took scale and bias as two inputs: two Slices per site in every graph.)
+(Version 1 took scale and bias as two inputs: two Slices per site in every graph, and the
+exporter pays per node.)
 
 ``RepresentativeBatchNormalization(X, w_c, w_v, b_v, gamma, beta, mean, var; epsilon)``, eval
 mode (``gamma`` is the layer's γ / r₀), in the eager layer's own order of operations: with
@@ -71,9 +73,11 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape((t.shape[0], t.shape[1]) + (1,) * (x.dim() - 2))
 
 
-def cbn_reference(x: Tensor, affine: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    """``BN(x; mean, var)·scale + bias`` per sample, ``[scale | bias] = affine`` (N, 2C)."""
-    scale, bias = affine.chunk(2, dim=1)
+def cbn_reference(x: Tensor, affine: Tensor, mean: Tensor, var: Tensor, eps: float,
+                  row: int = 0) -> Tensor:
+    """``BN(x; mean, var)·scale + bias`` per sample, ``[scale | bias] = affine[row]``, with
+    ``affine`` (S, N, 2C)."""
+    scale, bias = affine[row].chunk(2, dim=1)
     xb = F.batch_norm(x, mean, var, None, None, False, 0.0, eps)
     return xb * _per_channel(scale, x) + _per_channel(bias, x)
 
@@ -95,12 +99,13 @@ def rbn_reference(x: Tensor, w_c: Tensor, w_v: Tensor, b_v: Tensor, gamma: Tenso
 
 
 @torch.library.custom_op("normsurgeon::cbn", mutates_args=())
-def _cbn_op(x: Tensor, affine: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
-    return cbn_reference(x, affine, mean, var, eps)
+def _cbn_op(x: Tensor, affine: Tensor, mean: Tensor, var: Tensor, eps: float,
+            row: int) -> Tensor:
+    return cbn_reference(x, affine, mean, var, eps, row)
 
 
 @_cbn_op.register_fake
-def _(x, affine, mean, var, eps):  # noqa: ANN001, ANN202
+def _(x, affine, mean, var, eps, row):  # noqa: ANN001, ANN202
     return torch.empty_like(x)
 
 
@@ -122,6 +127,7 @@ _TYPES = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16
 def register_schemas() -> None:
     """Register the two OpSchemas with onnx, once (the exporter and checker look them up)."""
     import onnx
+    from onnx import helper
     from onnx.defs import OpSchema
 
     def param(name: str, doc: str = "") -> OpSchema.FormalParameter:
@@ -139,7 +145,10 @@ def register_schemas() -> None:
             op, DOMAIN, VERSION, doc=__doc__ or "",
             inputs=[param(n) for n in inputs], outputs=[param("Y")],
             type_constraints=[("T", _TYPES, "float tensors")],
-            attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "BN epsilon")],
+            attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "BN epsilon")]
+            + ([OpSchema.Attribute("row", helper.make_attribute("row", 0),
+                                   "the row of affine (S, N, 2C) this layer uses")]
+               if op == CBN_OP else []),
         ))
 
 
@@ -151,8 +160,8 @@ def translation_table() -> dict:
     ns = onnxscript.values.Opset(DOMAIN, VERSION)
 
     def cbn(x: onnxscript.FLOAT, affine: onnxscript.FLOAT, mean: onnxscript.FLOAT,
-            var: onnxscript.FLOAT, eps: float) -> onnxscript.FLOAT:
-        return ns.ConditionalBatchNormalization(x, affine, mean, var, epsilon=eps)
+            var: onnxscript.FLOAT, eps: float, row: int) -> onnxscript.FLOAT:
+        return ns.ConditionalBatchNormalization(x, affine, mean, var, epsilon=eps, row=row)
 
     def rbn(x: onnxscript.FLOAT, w_c: onnxscript.FLOAT, w_v: onnxscript.FLOAT,
             b_v: onnxscript.FLOAT, gamma: onnxscript.FLOAT, beta: onnxscript.FLOAT,
@@ -163,7 +172,7 @@ def translation_table() -> dict:
     # this module uses postponed annotations; the exporter needs real ones (return type too)
     t = onnxscript.FLOAT
     cbn.__annotations__ = {"x": t, "affine": t, "mean": t, "var": t, "eps": float,
-                           "return": t}
+                           "row": int, "return": t}
     rbn.__annotations__ = {"x": t, "w_c": t, "w_v": t, "b_v": t, "gamma": t, "beta": t,
                            "mean": t, "var": t, "eps": float, "return": t}
     return {torch.ops.normsurgeon.cbn.default: cbn, torch.ops.normsurgeon.rbn.default: rbn}
@@ -226,15 +235,21 @@ def function_protos(opset: int, cbn_rank: int | None = None) -> dict[str, object
         node("Exp", ["zero_c"], ["one_c"]),
     ]
 
-    # CBN: [scale | bias] = affine; Y = BN(X)·scale + bias, per sample ----------------------
+    # CBN: [scale | bias] = affine[row]; Y = BN(X)·scale + bias, per sample ------------------
+    row_const = node("Constant", [], ["row_i"])
+    row_const.attribute.append(helper.make_attribute_ref("value_int", AttributeProto.INT,
+                                                         ref_attr_name="row"))
     cbn_nodes = (common + ([const_i64("ps_head", [0, 0])] if cbn_rank is None else [])
-                 + [node("Split", ["affine"], ["scale", "bias"], axis=1, num_outputs=2)]
+                 + [row_const, node("Gather", ["affine", "row_i"], ["affine_n"], axis=0),
+                    node("Split", ["affine_n"], ["scale", "bias"], axis=1, num_outputs=2)]
                  + unit_bn("X", "Xb") + per_sample_affine("Xb", "scale", "bias", "Y",
                                                           rank=cbn_rank))
     opsets = [helper.make_opsetid("", opset)]
     eps_default = [helper.make_attribute("epsilon", 1e-5)]
     cbn = helper.make_function(DOMAIN, CBN_OP, ["X", "affine", "mean", "var"], ["Y"],
-                               cbn_nodes, opsets, attributes=[], attribute_protos=eps_default)
+                               cbn_nodes, opsets, attributes=[],
+                               attribute_protos=eps_default + [
+                                   helper.make_attribute("row", 0)])
 
     # RBN: the eager layer's own order of operations, one affine on X (no cancellation) ----
     # s = BN(1; mean 0, var) = 1/sqrt(var + ε) with the function's ε; m = m(X) read from X

@@ -41,11 +41,16 @@ class Comparison:
     problem: str = ""  # a structural mismatch (missing output, shape, dtype, name)
     noise: float = 0.0  # the model's own fp32-vs-float64 rel on these inputs (bar: 4x that)
     fp64_rel: float | None = None  # this output's rel against the model's float64 twin
+    skipped: str = ""  # why nothing could be compared (the model's own output is not finite)
 
     @property
     def passed(self) -> bool:
+        """Within the bar (a skipped row is no failure; :class:`VerificationResult` still
+        needs a compared row per provider)."""
         if self.problem:
             return False
+        if self.skipped:
+            return True
         if self.max_rel <= self.bar or self.max_abs <= self.atol:
             return True
         # where fp32 itself is chaotic (inputs far from training data), the file passes when it
@@ -69,14 +74,18 @@ class VerificationResult:
     families: list[str] = field(default_factory=list)  # the input families that ran
 
     def __bool__(self) -> bool:
-        return bool(self.comparisons) and all(c.passed for c in self.comparisons)
+        compared = {c.provider for c in self.comparisons if not c.skipped}
+        ran = {c.provider for c in self.comparisons}
+        return bool(self.comparisons) and compared == ran and all(
+            c.passed for c in self.comparisons)
 
     @property
     def failures(self) -> list[Comparison]:
         return [c for c in self.comparisons if not c.passed]
 
     def max_rel(self, provider: str | None = None) -> float:
-        vals = [c.max_rel for c in self.comparisons if provider in (None, c.provider)]
+        vals = [c.max_rel for c in self.comparisons
+                if provider in (None, c.provider) and not c.skipped]
         return max(vals, default=float("nan"))
 
     def table(self) -> str:
@@ -86,14 +95,21 @@ class VerificationResult:
         for c in self.comparisons:
             lines.append(f"{c.provider:<9} {c.optimization:<4} {c.family[:10]:<10} {c.batch:>5} "
                          f"{c.output[:12]:<12} {c.max_abs:>10.2e} {c.max_rel:>10.2e} "
-                         f"{c.bar:>8.0e}  {'yes' if c.passed else 'NO'}"
-                         + (f"  {c.problem}" if c.problem else ""))
+                         f"{c.bar:>8.0e}  "
+                         + ("n/a" if c.skipped else "yes" if c.passed else "NO")
+                         + (f"  {c.problem or c.skipped}" if c.problem or c.skipped else ""))
         for p, why in self.not_run.items():
             lines.append(f"{p:<9} not run: {why}")
         verdict = "PASS" if self else "FAIL"
-        lines.append(f"{verdict}: {len(self.comparisons) - len(self.failures)}/"
-                     f"{len(self.comparisons)} comparisons within the bar; providers that ran: "
-                     f"{', '.join(self.providers_run) or 'none'}")
+        skipped = sum(bool(c.skipped) for c in self.comparisons)
+        compared = len(self.comparisons) - skipped
+        lines.append(f"{verdict}: {compared - len(self.failures)}/{compared} comparisons within "
+                     "the bar" + (f" ({skipped} not comparable: the model's own output is not "
+                                  "finite there)" if skipped else "")
+                     + f"; providers that ran: {', '.join(self.providers_run) or 'none'}")
+        if not self and not self.failures and skipped:
+            lines.append("nothing could be compared on some provider: the model's own output "
+                         "is not finite on any input family")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -281,9 +297,15 @@ def verify_onnx(
                     row.noise = noise if rtol is None else 0.0
                     if rtol is None and ref64 is not None and i < len(outs) and i < len(ref64) and (
                             outs[i].shape == ref64[i].shape) and ref64[i].size:
-                        row.fp64_rel = float(
-                            np.abs(outs[i].astype(np.float64) - ref64[i]).max()
-                            / max(float(np.abs(ref64[i]).max()), 1e-12))
+                        # over the entries where the eager output is finite (the row only
+                        # compares when the file is non-finite exactly there too)
+                        keep = np.isfinite(ref[i]) if i < len(ref) and (
+                            ref[i].shape == outs[i].shape) else np.ones(outs[i].shape, bool)
+                        with np.errstate(invalid="ignore"):  # inf - inf: NaN, no rescue
+                            row.fp64_rel = float(
+                                np.abs(outs[i].astype(np.float64)[keep] - ref64[i][keep]).max()
+                                / max(float(np.abs(ref64[i][keep]).max()), 1e-12)
+                            ) if keep.any() else None
                 result.comparisons += rows
         if ran:
             result.providers_run.append(_PROVIDERS[prov])
@@ -308,14 +330,24 @@ def _own_noise(model: nn.Module, cases: list[tuple[Any, ...]], refs: list[list[n
                 args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
                              else a for a in case)
                 ref64 = _leaves(twin(*args))
-                rels = [float(np.abs(r.astype(np.float64) - q).max()
-                              / max(float(np.abs(q).max()), 1e-12))
-                        for r, q in zip(ref, ref64) if r.size and r.shape == q.shape]
+                rels = [_finite_rel(r, q) for r, q in zip(ref, ref64)
+                        if r.size and r.shape == q.shape]
                 out.append(max(rels, default=0.0))
                 refs64.append(ref64)
         return out, refs64
     except Exception:  # noqa: BLE001 - no twin: the fixed bar applies
         return [0.0] * len(cases), none
+
+
+def _finite_rel(r: np.ndarray, q: np.ndarray) -> float:
+    """rel of ``r`` against ``q`` over the entries finite in both (0 when there are none): an
+    fp32 output that overflows where float64 does not must not make the noise, and with it
+    the bar, infinite."""
+    r64 = r.astype(np.float64)
+    ok = np.isfinite(r64) & np.isfinite(q)
+    if not ok.any():
+        return 0.0
+    return float(np.abs(r64[ok] - q[ok]).max() / max(float(np.abs(q[ok]).max()), 1e-12))
 
 
 def _compare(prov: str, opt: str, family: str, batch: int, names: list[str],
@@ -339,6 +371,18 @@ def _compare(prov: str, opt: str, family: str, batch: int, names: list[str],
             row.problem = f"dtype {outs[i].dtype}, the model's is {ref[i].dtype}"
         else:
             y, r = outs[i], ref[i]
+            bad = ~np.isfinite(r) if np.issubdtype(r.dtype, np.floating) else None
+            if bad is not None and bad.any():
+                # the model itself overflows here: compare where it is finite, if the file is
+                # non-finite exactly where the model is (same NaN and same inf)
+                same = bool(np.array_equal(np.isnan(y), np.isnan(r)) and np.array_equal(
+                    np.where(np.isnan(r), 0, y)[bad], np.where(np.isnan(r), 0, r)[bad]))
+                if not same:
+                    row.skipped = (f"the model's own output has {int(bad.sum())} of {r.size} "
+                                   "entries inf/NaN here, the file others: nothing to compare")
+                    rows.append(row)
+                    continue
+                y, r = y[~bad], r[~bad]
             diff = np.abs(y.astype(np.float64) - r.astype(np.float64))
             row.max_abs = float(diff.max()) if diff.size else 0.0
             denom = max(float(np.abs(r).max()) if r.size else 0.0, 1e-12)
