@@ -12,12 +12,22 @@ folding, since a folded model does exactly that work).
 training job or a data loader next to the conversion), at torch's default thread count, and
 prints the quiet and busy ratios side by side. The load is bounded (it ends by itself after a
 deadline) and is killed by process id when the measurement ends.
+
+``--example-inputs`` also times ``convert(m, example_inputs=x)`` (input recording and the
+self-check included) next to ``convert(m)`` and ``fuse``, and counts the model forwards one
+such conversion runs.
+
+``--scaling`` prints conversion time, time per BN site and peak resident memory against model
+size (ResNet-18/50/152, DenseNet-201, the 1001-layer CIFAR ResNet), normsurgeon vs ``fuse``.
+Each (model, tool) runs in a fresh process: its peak is the conversion's own (the kernel's
+high-water mark is reset just before it), its time the median of 3 warm conversions.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import subprocess
@@ -73,6 +83,103 @@ def time_conversions(model: nn.Module, reps: int) -> dict[str, list[float]]:
     return times
 
 
+def count_forwards(model: nn.Module, x: torch.Tensor) -> int:
+    """Model forwards (on real tensors, not fx proxies; the original's and the converted
+    copy's) one ``convert(example_inputs=x)`` runs, counted by wrapping the class's forward
+    for that one conversion."""
+    cls, calls = type(model), [0]
+    orig = cls.forward
+
+    def counted(self: nn.Module, *a: object, **k: object) -> object:
+        if a and isinstance(a[0], torch.Tensor):
+            calls[0] += 1
+        return orig(self, *a, **k)
+
+    cls.forward = counted  # type: ignore[method-assign]
+    try:
+        ns.convert(model, example_inputs=x)
+    finally:
+        cls.forward = orig  # type: ignore[method-assign]
+    return calls[0]
+
+
+def time_with_inputs(model: nn.Module, x: torch.Tensor, reps: int) -> dict[str, list[float]]:
+    """Interleaved rounds of convert(m), convert(m, example_inputs=x), fuse and one eval
+    forward (what a forward costs next to them)."""
+    fns = {"ns": lambda: ns.convert(model), "ns+inputs": lambda: ns.convert(model,
+                                                                            example_inputs=x),
+           "fuse": lambda: fuse(model), "forward": lambda: model(x)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(reps):
+            for key, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t)
+    return times
+
+
+SCALING = ["resnet18", "resnet50", "resnet152", "densenet201", "resnet1001_cifar10"]
+
+
+def _peak_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure_one(name: str, tool: str) -> dict[str, float]:
+    """In this (fresh) process: peak RSS growth of one conversion, then the median time of 3."""
+    import gc
+
+    model = zoo.randomize(zoo.build(name))
+    fn = (lambda: ns.convert(model)) if tool == "ns" else (lambda: fuse(model))
+    gc.collect()
+    rss0 = int(next(ln for ln in open("/proc/self/status")
+                    if ln.startswith("VmRSS:")).split()[1])
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark: the peak below is this conversion's
+    except OSError:
+        pass
+    out = fn()
+    peak = _peak_kib() - rss0
+    del out
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    sites = sum(map(is_batchnorm, model.modules()))
+    params = sum(p.numel() for p in model.parameters())
+    return {"seconds": statistics.median(times), "peak_mib": peak / 1024, "sites": sites,
+            "params_m": params / 1e6}
+
+
+def scaling_table(models: list[str]) -> None:
+    print(f"\nscaling: one fresh process per model and tool; time: median of 3 warm conversions; "
+          f"peak: resident memory growth during one conversion; {torch.get_num_threads()} "
+          "threads")
+    print(f"  {'model':<20} {'BN':>5} {'params':>8} | {'ns s':>7} {'ms/BN':>6} {'peak MiB':>9} "
+          f"| {'fuse s':>7} {'ms/BN':>6} {'peak MiB':>9} | {'time':>5} {'peak':>5}")
+    for name in models:
+        res = {}
+        for tool in ("ns", "fuse"):
+            out = subprocess.run([sys.executable, __file__, "--measure", name, tool],
+                                 capture_output=True, text=True, check=True)
+            res[tool] = json.loads(out.stdout.strip().splitlines()[-1])
+        a, b = res["ns"], res["fuse"]
+        print(f"  {name:<20} {a['sites']:>5} {a['params_m']:>7.1f}M | {a['seconds']:>6.3f}s "
+              f"{a['seconds'] / a['sites'] * 1e3:>6.2f} {a['peak_mib']:>9.0f} | "
+              f"{b['seconds']:>6.3f}s {b['seconds'] / b['sites'] * 1e3:>6.2f} "
+              f"{b['peak_mib']:>9.0f} | {a['seconds'] / b['seconds']:>5.2f} "
+              f"{a['peak_mib'] / max(b['peak_mib'], 1e-9):>5.2f}")
+    print("  (time, peak: normsurgeon / fuse)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["resnet101", "densenet121"])
@@ -81,11 +188,22 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--busy", action="store_true",
                    help="also time conversions with every core busy (bounded background load)")
+    p.add_argument("--example-inputs", action="store_true",
+                   help="also time conversion with example inputs and count its forwards")
+    p.add_argument("--scaling", nargs="*", metavar="MODEL",
+                   help=f"only the scaling table (default models: {' '.join(SCALING)})")
+    p.add_argument("--measure", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.measure:  # a child of --scaling
+        print(json.dumps(measure_one(*args.measure)))
+        return
+    if args.scaling is not None:
+        scaling_table(args.scaling or SCALING)
+        return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           "eager CPU, fp32\n")
-    rows, conv_rows = [], []
+    rows, conv_rows, input_rows = [], [], []
     for name in args.models:
         model = zoo.randomize(zoo.build(name))
         x = zoo.example_input(model, batch=args.batch)
@@ -94,6 +212,10 @@ def main() -> None:
         # robust to drift on a shared machine: the ratio within each interleaved round
         paired = statistics.median(a / b for a, b in zip(conv_t["ns"], conv_t["fuse"]))
         fastest = min(conv_t["ns"]) / min(conv_t["fuse"])
+        if args.example_inputs:
+            ex = time_with_inputs(model, x, args.convert_reps)
+            med = {k: statistics.median(v) for k, v in ex.items()}
+            input_rows.append((name, med, count_forwards(model, x)))
         busy = None
         if args.busy:
             with busy_cores(seconds=600):
@@ -134,6 +256,18 @@ def main() -> None:
           "medians (table), median of per-round ratios, ratio of fastest runs")
     for name, paired, fastest, _, _ in conv_rows:
         print(f"  {name:<12} per-round median {paired:.2f}   fastest/fastest {fastest:.2f}")
+    if args.example_inputs:
+        print(f"\nconversion with example inputs (batch {args.batch}), median of "
+              f"{args.convert_reps} interleaved rounds:")
+        print(f"  {'model':<12} {'ns':>8} {'ns+inputs':>10} {'fuse':>8} {'forward':>8} "
+              f"{'ns/fuse':>8} {'ns+inputs/fuse':>15} {'forwards':>9}")
+        for name, med, fwd in input_rows:
+            print(f"  {name:<12} {med['ns']:>7.3f}s {med['ns+inputs']:>9.3f}s "
+                  f"{med['fuse']:>7.3f}s {med['forward']:>7.3f}s "
+                  f"{med['ns'] / med['fuse']:>8.2f} {med['ns+inputs'] / med['fuse']:>15.2f} "
+                  f"{fwd:>9}")
+        print("  forwards: model forwards one conversion with example inputs runs (recording "
+              "the inputs, and the self-check)")
     if args.busy:
         print(f"\nconversion with every core busy ({os.cpu_count()} spinning processes), "
               f"{torch.get_num_threads()} threads, median of {args.convert_reps} rounds:")
