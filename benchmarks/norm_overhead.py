@@ -12,6 +12,12 @@ Variants, measured interleaved in one run (median of --reps):
 A training step is forward + cross-entropy + backward + SGD step; eval is a no-grad forward.
 ``--runs N`` repeats the whole measurement and prints the spread of each ratio over the runs
 (one run's ratio moves by ±5-10% on a shared machine).
+
+``--mlp-sharing`` instead measures what computing every CBN's delta MLP together (as the ONNX
+export does, ``layers.cbn.ConditionBank``) would save in an eager training step: forward and
+backward of the 53 per-layer MLPs one by one, vs one batched computation (weights stacked in the
+step, as a bank over today's per-layer Parameters must; and pre-stacked, the bound for a layout
+that stored them stacked), next to a whole frozen-CBN training step.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--runs", type=int, default=1, help="repeat and report the spread")
+    p.add_argument("--mlp-sharing", action="store_true",
+                   help="measure batched vs per-layer delta MLPs in a training step")
     args = p.parse_args()
+    if args.mlp_sharing:
+        mlp_sharing(args)
+        return
     torch.manual_seed(0)
     base = zoo.randomize(zoo.build(args.model))
     x = zoo.example_input(base, batch=args.batch)
@@ -100,6 +111,75 @@ def main() -> None:
             tr, ev = ratios["train"][k], ratios["eval"][k]
             print(f"  {k:<14} train step {min(tr):.3f}-{max(tr):.3f}   "
                   f"eval {min(ev):.3f}-{max(ev):.3f}")
+
+
+def mlp_sharing(args: argparse.Namespace) -> None:
+    """Forward+backward of every CBN's delta MLP: per layer vs batched (see the docstring)."""
+    from normsurgeon.layers.cbn import ConditionBank, _ConditionalBatchNorm
+
+    torch.manual_seed(0)
+    base = zoo.randomize(zoo.build(args.model))
+    cbn = ns.convert(base, "cbn", cond_dim=128)
+    layers = [m for m in cbn.modules() if isinstance(m, _ConditionalBatchNorm)]
+    e = torch.randn(args.batch, 128)
+    x = zoo.example_input(base, batch=args.batch)
+    opt = torch.optim.SGD([q for q in cbn.parameters() if q.requires_grad], lr=1e-4)
+
+    def per_layer() -> None:
+        sum(m.cond_mlp(e).sum() for m in layers).backward()
+
+    order = sorted(layers, key=lambda m: m.num_features)  # the bank's layout
+    groups: list[list[nn.Module]] = []
+    for m in order:
+        if groups and groups[-1][0].num_features == m.num_features:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    hidden = order[0].cond_mlp[0].out_features
+
+    def stacked_in_step() -> None:  # the bank's math over today's per-layer Parameters
+        w1 = torch.cat([m.cond_mlp[0].weight for m in order])
+        b1 = torch.cat([m.cond_mlp[0].bias for m in order])
+        h = torch.relu(nn.functional.linear(e, w1, b1)).reshape(-1, len(order), hidden)
+        h = h.transpose(0, 1)
+        total, start = 0, 0
+        for g in groups:
+            w2t = torch.stack([m.cond_mlp[2].weight.t() for m in g])
+            b2 = torch.stack([m.cond_mlp[2].bias for m in g]).unsqueeze(1)
+            total = total + (torch.matmul(h[start:start + len(g)], w2t) + b2).sum()
+            start += len(g)
+        total.backward()
+
+    fam0 = ConditionBank(layers)._where[id(layers[0])][0]
+    for t in (fam0.w1, fam0.b1, *(g[2] for g in fam0.groups), *(g[3] for g in fam0.groups)):
+        t.requires_grad_(True)
+
+    def pre_stacked() -> None:  # weights stored stacked: no per-step stacking
+        torch.stack([t.sum() for t in fam0.compute(e)]).sum().backward()
+
+    def train_step() -> None:
+        cbn.train()
+        loss = nn.functional.cross_entropy(cbn(x, e), torch.zeros(args.batch, dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    fns = {"per layer": per_layer, "batched (stacked each step)": stacked_in_step,
+           "batched (pre-stacked)": pre_stacked, "frozen-CBN train step": train_step}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.model}: {len(layers)} CBN delta MLPs, batch {args.batch}, forward+backward, "
+          f"median of {args.reps}, {torch.get_num_threads()} threads")
+    for k, v in med.items():
+        print(f"  {k:<28} {v * 1e3:>8.2f}ms  {v / med['per layer']:>6.2f}x per layer  "
+              f"{v / med['frozen-CBN train step'] * 100:>6.2f}% of a step")
 
 
 if __name__ == "__main__":
