@@ -104,9 +104,16 @@ def main() -> None:
     print(f"export, median of {args.export_rounds} interleaved rounds after a warm-up: "
           f"torch.onnx.export (plain model) {t_torch:.2f}s; normsurgeon.export_onnx: "
           + ", ".join(f"{k} {v:.2f}s ({v / t_torch:.2f}x)" for k, v in t_ns.items()) + "\n")
-    print(f"{'graph':<12} {'latency':>10} {'x plain':>8}")
+    import onnx
+
+    size = {k: os.path.getsize(pth) / 2**20 for k, (pth, _) in files.items()}
+    nodes = {k: len(onnx.load(pth, load_external_data=False).graph.node)
+             for k, (pth, _) in files.items()}
+    print(f"{'graph':<12} {'latency':>10} {'x plain':>8} {'file MiB':>9} {'x plain':>8} "
+          f"{'nodes':>6}")
     for k, v in med.items():
-        print(f"{k:<12} {v:>8.2f}ms {v / med['plain']:>8.3f}")
+        print(f"{k:<12} {v:>8.2f}ms {v / med['plain']:>8.3f} {size[k]:>9.1f} "
+              f"{size[k] / size['plain']:>8.2f} {nodes[k]:>6}")
     if args.profile:
         profile(files, args.threads, args.reps)
 
