@@ -141,3 +141,66 @@ def test_converted_cbn_model_folds_into_nothing_else():
     """fold after cbn: CBN layers are not BatchNorm, so folding leaves them (and says so)."""
     out = ns.convert(models()["traceable"], "cbn", cond_dim=6)
     assert not any(s.kind == "ConditionalBatchNorm2d" for s in ns.inspect(out).sites)
+
+
+# --- issue 11 (prepared on the CPU): one label-range check per forward, not one per layer -------
+@pytest.mark.parametrize("kind", ["traceable", "untraceable"])
+def test_label_values_are_read_once_per_forward(kind, monkeypatch):
+    """The label range (min/max: a host sync on a GPU) is checked once at the model's entry;
+    each CBN then checks shapes and dtypes only. A layer called on its own still checks
+    values, a bad label still fails before any computation, and the caller's tensor is never
+    marked."""
+    from normsurgeon.layers import cbn as cbn_mod
+
+    out = ns.convert(models()[kind], "cbn", num_classes=3)
+    layers = [m for m in out.modules() if isinstance(m, ConditionalBatchNorm2d)]
+    assert len(layers) >= 2
+    calls = []
+    real = cbn_mod._check_label_range
+    monkeypatch.setattr(cbn_mod, "_check_label_range",
+                        lambda *a: (calls.append(1), real(*a))[1])
+    labels = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        out(X, labels)
+        assert calls == [1]
+        out(X, labels)
+        assert calls == [1, 1]  # per forward: never cached across forwards
+    assert not hasattr(labels, "_ns_validated")
+    with pytest.raises(ns.ConditionError, match="out of range"):
+        out(X, torch.tensor([0, 1, 2, 3]))
+    calls.clear()
+    layers[0](torch.randn(4, layers[0].num_features, 5, 5), labels)  # alone: checks values
+    assert calls == [1]
+    with pytest.raises(ns.ConditionError, match="out of range"):
+        layers[0](torch.randn(4, layers[0].num_features, 5, 5), torch.tensor([0, 1, 2, 7]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cbn_forward_has_no_per_layer_host_sync():
+    """On the GPU, a label-conditioned CBN ResNet forward synchronises with the host once (the
+    entry's range check), never per layer: sync debug mode "error" after that check."""
+    from pytorchcv.models.resnet import resnet18
+
+    model = ns.convert(randomize_bn(resnet18()).eval(), "cbn", num_classes=10).cuda()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    labels = torch.tensor([1, 7], device="cuda")
+    from normsurgeon.layers import cbn as cbn_mod
+
+    real = cbn_mod._check_label_range
+
+    def entry_only(*a):  # the one allowed sync, outside the debug mode
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return real(*a)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    cbn_mod._check_label_range = entry_only
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with torch.no_grad():
+            model(x, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        cbn_mod._check_label_range = real

@@ -24,7 +24,7 @@ from ..layers.cbn import (
     ConditionCheck,
     ConditionSlot,
     ConditionSpec,
-    check_condition,
+    checked_condition,
     unambiguous_batch,
 )
 from ..layers.rbn import RepresentativeBatchNorm2d
@@ -255,8 +255,7 @@ def _conditioned_class(base: type) -> type:
         *inputs, cond = args
         if not inputs:
             raise TypeError("expected model(*inputs, cond): got only one argument")
-        check_condition(cond, unambiguous_batch(inputs), self._ns_spec)
-        self._ns_slot.value = cond
+        self._ns_slot.value = checked_condition(cond, unambiguous_batch(inputs), self._ns_spec)
         try:
             return base.forward(self, *inputs, **kwargs)
         finally:
