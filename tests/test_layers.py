@@ -268,3 +268,41 @@ def test_public_api_surface():
         assert hasattr(ns, name), name
     assert ns.ConditionalBatchNorm2d is ConditionalBatchNorm2d
     assert ns.RepresentativeBatchNorm2d is RepresentativeBatchNorm2d
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 2, 3, 5]), st.sampled_from([4, 8]),
+                          st.sampled_from([3, 5])), min_size=1, max_size=7),
+       st.booleans(), st.integers(0, 99))
+def test_condition_bank_equals_each_layers_own_affine(specs, labels, seed):
+    """For any mix of CBN layers (channels, hidden widths, condition widths), the bank's
+    ``table[row]`` is the layer's own export affine; layers alone in their family are left
+    to their own path."""
+    from normsurgeon.layers.cbn import ConditionalBatchNorm2d, ConditionBank
+
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for c, hidden, width in specs:
+        layer = ConditionalBatchNorm2d(c, width, hidden_dim=hidden,
+                                       num_classes=4 if labels else None).eval()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        layers.append(layer)
+    bank = ConditionBank(layers)
+    family = {}
+    for layer, (_, hidden, width) in zip(layers, specs):
+        family.setdefault((hidden, width), []).append(layer)
+    conds = {w: (torch.randint(0, 4, (3,), generator=g) if labels
+                 else torch.randn(3, w, generator=g)) for w in {w for _, _, w in specs}}
+    for layer, (_, hidden, width) in zip(layers, specs):
+        cond = conds[width]
+        got = bank.affine(layer, cond, torch.float32)
+        if len(family[(hidden, width)]) < 2:
+            assert got is None
+            continue
+        table, row = got
+        e = layer.embedding(cond) if labels else cond
+        ref = layer._export_affine(e)
+        assert table[row].shape == ref.shape
+        assert torch.allclose(table[row], ref, rtol=1e-5, atol=1e-5)
