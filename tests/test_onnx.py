@@ -435,9 +435,20 @@ def test_graph_checks_on_the_weight_free_view_still_catch_errors(tmp_path):
     with pytest.raises(ExportError):
         _check(bad)
     big.dims[0] -= 1
-    big.raw_data = big.raw_data[: len(big.raw_data) // 2]  # ...or holds half its data
-    with pytest.raises(ExportError, match="less data"):
+    full = big.raw_data
+    for cut in (len(full) // 2, len(full) - 1):  # ...or holds less data than its shape
+        big.raw_data = full[:cut]
+        with pytest.raises(ExportError, match=f"holds {cut} bytes"):
+            _check(bad)
+    big.raw_data = full + b"\0"  # ...or more
+    with pytest.raises(ExportError, match="bytes"):
         _check(bad)
+    big.raw_data = full
+    _check(bad)  # restored: passes again
+    from normsurgeon.onnx.export import _raw_data_len
+
+    for t in res.model.graph.initializer:
+        assert _raw_data_len(t) == len(t.raw_data)
 
 
 class _Overflows(torch.nn.Module):

@@ -395,13 +395,51 @@ def _weight_free(proto: Any) -> Any:
         n = 1
         for d in t.dims:
             n *= d
-        if t.data_type not in floats or n <= _LIGHT_MAX or t.data_location != 0:
-            lg.initializer.append(t)
+        if (t.data_type not in floats or n <= _LIGHT_MAX or t.data_location != 0
+                or not t.HasField("raw_data")):
+            lg.initializer.append(t)  # checked in full
             continue
         size = n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if t.ByteSize() < size:
-            raise ExportError(f"initializer {t.name!r} holds less data than its shape "
-                              f"{list(t.dims)} needs")
+        if _raw_data_len(t) != size:
+            raise ExportError(f"initializer {t.name!r} holds {_raw_data_len(t)} bytes, its "
+                              f"shape {list(t.dims)} needs {size}")
         if t.name not in names:
             lg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return light
+
+
+def _raw_data_len(t: Any) -> int:
+    """``len(t.raw_data)`` without copying the bytes out of the message: its serialised size
+    less that of the same tensor without ``raw_data``, less the field's tag and length
+    prefix."""
+    from onnx import TensorProto
+
+    head = TensorProto()
+    for fd in t.DESCRIPTOR.fields:  # every field but raw_data (small: names, dims, metadata)
+        if fd.name == "raw_data":
+            continue
+        value = getattr(t, fd.name)
+        repeated = getattr(fd, "is_repeated", None)  # protobuf ≥ 5; older: label
+        if repeated is None:
+            repeated = fd.label == fd.LABEL_REPEATED
+        if repeated:
+            if len(value):
+                getattr(head, fd.name).extend(value)
+        elif t.HasField(fd.name):
+            if fd.message_type is not None:
+                getattr(head, fd.name).CopyFrom(value)
+            else:
+                setattr(head, fd.name, value)
+    rest = t.ByteSize() - head.ByteSize() - 1  # the raw_data field's one-byte tag
+    for k in range(1, 11):  # its varint length prefix takes k bytes
+        if rest - k >= 0 and _varint_size(rest - k) == k:
+            return rest - k
+    return -1
+
+
+def _varint_size(n: int) -> int:
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
