@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import normsurgeon as ns
@@ -106,3 +107,46 @@ def test_fuzz_replace(case):
     model, recipe = case
     for to in ("rbn", "cbn"):
         _check_invariants(model, recipe, to, True)
+
+
+EXPORT_EXAMPLES = max(4, EXAMPLES // 15)  # an export and its verification take seconds
+
+
+@settings(max_examples=EXPORT_EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
+          suppress_health_check=list(HealthCheck), print_blob=True)
+@given(fuzz_models(), st.sampled_from(["fold", "cbn", "rbn"]))
+def test_fuzz_export_verifies(tmp_path_factory, case, to):
+    """Every converted model exports to a file that verifies against it on onnxruntime, or
+    the export refuses with a clear error (a value branch torch.export cannot capture); the
+    model is not touched by the export."""
+    onnx = pytest.importorskip("onnxruntime")
+    del onnx
+    model, recipe = case
+    if recipe["dtype"] == torch.float64:
+        return  # onnxruntime's CPU provider has no float64 Conv
+    x, _ = _inputs(recipe)
+    opts = {"cond_dim": 3} if to == "cbn" else {}
+    out = ns.convert(model, to, example_inputs=x, **opts)
+    if to == "cbn":
+        g = torch.Generator().manual_seed(recipe["seed"])
+        for m in out.modules():  # trained-like deltas, so the MLPs matter
+            if hasattr(m, "cond_mlp"):
+                with torch.no_grad():
+                    for p in m.cond_mlp[-1].parameters():
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    args = (x, torch.randn(x.shape[0], 3)) if to == "cbn" else (x,)
+    before = model_fingerprint(out)
+    path = tmp_path_factory.mktemp("fuzz") / "m.onnx"
+    try:
+        res = ns.export_onnx(out, args, path)
+    except ns.ExportError as e:
+        if "branches on tensor values" in str(e):
+            return  # refused, with the reason: the file would hold one branch
+        # anything else is ours unless torch cannot export the unconverted model either
+        assert "both exporters failed" in str(e), (recipe, to, str(e))
+        with pytest.raises(ns.ExportError):
+            ns.export_onnx(model, (x,), path.with_name("original.onnx"))
+        return
+    assert model_fingerprint(out) == before, recipe
+    v = ns.verify_onnx(path, out, args)
+    assert v, (recipe, to, res.exporter, v.table())

@@ -507,3 +507,25 @@ def test_rows_with_nothing_to_compare_never_pass_alone():
     assert VerificationResult("f", comparisons=[same, other])
     assert "n/a" in VerificationResult("f", comparisons=[same, other]).table()
     assert isinstance(Comparison("cpu", "off", 1, "y", 0, 0, 1e-5, 0).passed, bool)
+
+
+class _ReadsGamma(torch.nn.Module):
+    """Reads its BNs' weights in forward (attention-style gating): a fuzzer find, the export
+    copy once stripped the CBN layers' γ and this forward then failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.c2, self.b2 = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.b1(self.c1(x)) * torch.sigmoid(self.b1.weight).reshape(1, -1, 1, 1)
+        return self.b2(self.c2(y)) + self.b2.bias.reshape(1, -1, 1, 1)
+
+
+def test_cbn_export_of_a_model_that_reads_its_bn_parameters(tmp_path):
+    model = randomize_bn(_ReadsGamma()).eval()
+    cbn = _trained(ns.convert(model, "cbn", cond_dim=3))
+    assert len(ns.layers.cbn.ConditionBank(list(cbn.modules()))) == 2  # both shared
+    res = ns.export_onnx(cbn, (X, torch.randn(2, 3)), tmp_path / "m.onnx", verify=True)
+    assert res.verification and res.verification.max_rel() <= 1e-5

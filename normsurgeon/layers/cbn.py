@@ -460,10 +460,11 @@ class ConditionBank:
 def shared_condition_bank(model: nn.Module) -> Iterator[nn.Module]:
     """While active (on this thread), CBN layers take their export-time affine from one
     :class:`ConditionBank`. Yields the module to export: where the bank holds layers, a copy
-    of ``model`` that shares every tensor with it and whose banked layers keep only what the
-    ``normsurgeon`` op reads (running statistics, ε), so the exported program carries no unused
-    MLP weights, γ or β (their values are in the bank's constants); else ``model`` itself.
-    ``model`` is not changed."""
+    of ``model`` that shares every tensor with it and whose banked layers have no delta MLP
+    (nor embedding), so the exported program does not carry those weights unused (their
+    values are in the bank's constants); else ``model`` itself. γ and β stay: they are the
+    original BN's, and the model's own code may read them (``sigmoid(bn.weight)``); only the
+    MLP is normsurgeon's own. ``model`` is not changed."""
     from .._copy import deepcopy_module
 
     target = model
@@ -476,7 +477,6 @@ def shared_condition_bank(model: nn.Module) -> Iterator[nn.Module]:
         for m in bank._keep:
             m.cond_mlp = nn.Sequential()
             m.embedding = None
-            m.weight = m.bias = None
     before = _BANK.current
     _BANK.current = bank
     try:
