@@ -295,13 +295,13 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
         if d.rule is None:
             records[site.name] = SiteRecord(site.name, site.kind, Action.SKIPPED,
                                             reason=d.reason, trace=trace_mode)
-    _check_patterns(inc, exc, [s.name for s in all_sites] + [
-        q for q, m in work.named_modules() if is_batchnorm(m) and id(m) not in reached])
-    for qual, m in work.named_modules():
-        if is_batchnorm(m) and id(m) not in reached:
-            records[qual] = SiteRecord(qual, type(m).__name__, Action.SKIPPED,
-                                       reason=ctx.opaque_problem(m)
-                                       or _unreached_reason(qual, status), trace="none")
+    unreached = [(q, m) for q, m in work.named_modules()
+                 if id(m) not in reached and is_batchnorm(m)]
+    _check_patterns(inc, exc, [s.name for s in all_sites] + [q for q, _ in unreached])
+    for qual, m in unreached:
+        records[qual] = SiteRecord(qual, type(m).__name__, Action.SKIPPED,
+                                   reason=ctx.opaque_problem(m)
+                                   or _unreached_reason(qual, status), trace="none")
     if strict:
         bad = {r.name: r.reason for r in records.values() if r.action == Action.SKIPPED}
         if bad:
