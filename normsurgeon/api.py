@@ -23,7 +23,7 @@ from .errors import (
     NormSurgeonError,
     StrictModeError,
 )
-from .functional import float64_workspace, rel_error
+from .functional import float64_workspace, rel_error, same_nonfinite
 from .report import Action, ConversionReport, SiteRecord
 from .rules import get_transform
 from .rules.base import Context, Decision, prime_scale_shift
@@ -180,9 +180,7 @@ def _rel_finite(y: torch.Tensor, ref: torch.Tensor) -> float:
     bad = ~torch.isfinite(ref)
     if not bool(bad.any()):
         return rel_error(y, ref)
-    same = torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(
-        torch.where(torch.isnan(ref), 0, y)[bad], torch.where(torch.isnan(ref), 0, ref)[bad])
-    if not same:
+    if not same_nonfinite(y, ref):
         return float("inf")
     return rel_error(y[~bad], ref[~bad])
 

@@ -28,6 +28,7 @@ __all__ = [
     "fold_bn_linear",
     "cast_like",
     "rel_error",
+    "same_nonfinite",
     "float64_workspace",
 ]
 
@@ -223,3 +224,12 @@ def rel_error(y: Tensor, ref: Tensor) -> float:
     if r64.numel() == 0:
         return 0.0
     return float((y64 - r64).abs().max() / max(float(r64.abs().max()), 1e-12))
+
+
+def same_nonfinite(y: Tensor, ref: Tensor) -> bool:
+    """``y`` is non-finite exactly where ``ref`` is: NaN in the same places and the same ±inf
+    (same shapes assumed). Where a model's own output overflows, a conversion or a file that
+    agrees with it is compared on the finite entries only."""
+    bad = ~torch.isfinite(ref)
+    return torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(
+        torch.where(torch.isnan(ref), 0, y)[bad], torch.where(torch.isnan(ref), 0, ref)[bad])

@@ -227,13 +227,17 @@ def test_a_file_missing_an_output_fails_verification(tmp_path):
     assert not v and any("named" in c.problem for c in v.failures)
 
 
-class ShapeOnlyBranch(torch.nn.Module):
-    """fx cannot trace it (a branch on a shape), torch.export can."""
+class _ConvBN(torch.nn.Module):
+    """Conv2d(3, 4) → BatchNorm2d(4); subclasses give the forward."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(4)
+
+
+class ShapeOnlyBranch(_ConvBN):
+    """fx cannot trace it (a branch on a shape), torch.export can."""
 
     def forward(self, x):
         if x.shape[-1] % 2 == 0:
@@ -451,13 +455,8 @@ def test_graph_checks_on_the_weight_free_view_still_catch_errors(tmp_path):
         assert _raw_data_len(t) == len(t.raw_data)
 
 
-class _Overflows(torch.nn.Module):
+class _Overflows(_ConvBN):
     """Finite on ordinary inputs, inf on the x100 family (a huge constant gain)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = torch.nn.BatchNorm2d(4)
 
     def forward(self, x):
         return self.bn(self.conv(x)) * 1e37

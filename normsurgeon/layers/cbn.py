@@ -46,6 +46,13 @@ class ConditionSpec:
         return f"ConditionSpec(cond_dim={self.cond_dim}, num_classes={self.num_classes})"
 
 
+def _capturing() -> bool:
+    """A graph is being captured (jit trace, torch.export, ONNX export): sizes are symbolic and
+    values unknown, so nothing may be read from the condition."""
+    return (torch.jit.is_tracing() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export())
+
+
 def check_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> None:
     """Raise :class:`ConditionError` (a ValueError) naming the expected shape, or
     ``TypeError`` when the condition is missing or not a tensor.
@@ -53,8 +60,7 @@ def check_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> None:
     The label range test reads values (``min``/``max``: a host synchronisation on a GPU). A
     condition that :func:`checked_condition` already validated in this forward, at the model's
     entry, skips it; shapes and dtypes are checked every time (no values read)."""
-    if (torch.jit.is_tracing() or torch.compiler.is_exporting()
-            or torch.onnx.is_in_onnx_export()):
+    if _capturing():
         return  # shapes are symbolic here; the exported graph is checked by verify_onnx
     compiling = torch.compiler.is_compiling()  # static checks only: no value reads, no sync
     n = batch if batch is not None else "N"
@@ -103,8 +109,7 @@ def checked_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> Any:
     per ResNet-50 forward on a GPU). The mark lives on our own view, made anew each forward,
     never on the caller's tensor. Under tracing, export and compilation ``cond`` itself."""
     check_condition(cond, batch, spec)
-    if (not isinstance(cond, Tensor) or torch.jit.is_tracing() or torch.compiler.is_exporting()
-            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+    if not isinstance(cond, Tensor) or _capturing() or torch.compiler.is_compiling():
         return cond
     view = cond.view_as(cond)
     view._ns_validated = (spec.cond_dim, spec.num_classes)  # type: ignore[attr-defined]
@@ -114,8 +119,7 @@ def checked_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> Any:
 def unambiguous_batch(inputs: Any) -> int | None:
     """The batch size of a model's inputs when they agree on it: the leading size shared by
     every tensor input of rank ≥ 1, else ``None`` (then each CBN checks the batch it sees)."""
-    if (torch.jit.is_tracing() or torch.compiler.is_exporting()
-            or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+    if _capturing() or torch.compiler.is_compiling():
         return None  # int() of a symbolic size would specialise the batch axis
     sizes = {int(a.shape[0]) for a in inputs if isinstance(a, Tensor) and a.dim() > 0}
     return sizes.pop() if len(sizes) == 1 else None
@@ -320,6 +324,8 @@ def _bankable(layer: nn.Module) -> bool:
             type(layer).forward not in (_ConditionalBatchNorm.forward,
                                         ConditionalBatchNorm1d.forward)):
         return False
+    if len({(t.dtype, t.device) for t in layer.parameters()}) != 1:
+        return False  # one dtype and device for the whole layer: the bank's constants
     mlp, emb = layer.cond_mlp, layer.embedding
     if type(mlp) is not nn.Sequential or len(mlp) != 3:
         return False
@@ -346,10 +352,8 @@ def _hook_free(mods: list[nn.Module]) -> bool:
 def _family_key(layer: _ConditionalBatchNorm) -> tuple[Any, ...]:
     l1 = layer.cond_mlp[0]
     emb = layer.embedding
-    tensors = [p for p in layer.parameters()]
-    same = len({(t.dtype, t.device) for t in tensors}) == 1
     return (l1.in_features, l1.out_features, emb.num_embeddings if emb is not None else None,
-            l1.weight.dtype, l1.weight.device, same)
+            l1.weight.dtype, l1.weight.device)
 
 
 class _Family:
@@ -419,9 +423,7 @@ class ConditionBank:
         families: dict[tuple[Any, ...], list[_ConditionalBatchNorm]] = {}
         for m in layers:
             if _bankable(m):
-                key = _family_key(m)
-                if key[-1]:  # one dtype and device for the whole layer
-                    families.setdefault(key, []).append(m)
+                families.setdefault(_family_key(m), []).append(m)
         self._where: dict[int, tuple[_Family, int, int]] = {}
         self._keep: list[nn.Module] = []
         for members in families.values():

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._args import as_inputs
+from ..functional import same_nonfinite
 from ..tracing import eval_mode
 
 __all__ = ["verify_onnx", "VerificationResult", "Comparison", "DEFAULT_RTOL"]
@@ -375,9 +376,7 @@ def _compare(prov: str, opt: str, family: str, batch: int, names: list[str],
             if bad is not None and bad.any():
                 # the model itself overflows here: compare where it is finite, if the file is
                 # non-finite exactly where the model is (same NaN and same inf)
-                same = bool(np.array_equal(np.isnan(y), np.isnan(r)) and np.array_equal(
-                    np.where(np.isnan(r), 0, y)[bad], np.where(np.isnan(r), 0, r)[bad]))
-                if not same:
+                if not same_nonfinite(torch.from_numpy(y), torch.from_numpy(r)):
                     row.skipped = (f"the model's own output has {int(bad.sum())} of {r.size} "
                                    "entries inf/NaN here, the file others: nothing to compare")
                     rows.append(row)
