@@ -293,8 +293,7 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
         if d.rule is None:
             records[site.name] = SiteRecord(site.name, site.kind, Action.SKIPPED,
                                             reason=d.reason, trace=trace_mode)
-    unreached = [(q, m) for q, m in work.named_modules()
-                 if id(m) not in reached and is_batchnorm(m)]
+    unreached = [(q, m) for q, m in ctx.walk if id(m) not in reached and is_batchnorm(m)]
     _check_patterns(inc, exc, [s.name for s in all_sites] + [q for q, _ in unreached])
     for qual, m in unreached:
         records[qual] = SiteRecord(qual, type(m).__name__, Action.SKIPPED,

@@ -64,7 +64,9 @@ def shared_storage(a: nn.Module, b: nn.Module) -> list[str]:
     import bisect
 
     spans: dict[torch.device, list[tuple[int, int]]] = {}
-    for t in list(a.parameters()) + list(a.buffers()):
+    tensors = [t for m in a.modules() for store in (m._parameters, m._buffers)
+               for t in store.values() if t is not None]
+    for t in tensors:
         st = t.untyped_storage()
         if st.nbytes():
             spans.setdefault(t.device, []).append((st.data_ptr(), st.data_ptr() + st.nbytes()))

@@ -149,6 +149,8 @@ class Context:
     param_owners: dict[int, set[int]] = field(default_factory=dict)
     rebuild: set[str] = field(default_factory=set)  # regions whose graph must replace the module
     scripted: dict[int, str] = field(default_factory=dict)  # id -> enclosing TorchScript module
+    # (name, module) as ``model.named_modules()`` yields them: each module once, first name
+    walk: list[tuple[str, nn.Module]] = field(default_factory=list)
     target: nn.Module | None = None  # the model rewrites edit (the copy; ``model`` is analysed)
     _table: dict[str, nn.Module] | None = field(default=None, repr=False)
     _reads: dict[int, list[tuple[str, fx.Node]]] | None = field(default=None, repr=False)
@@ -178,14 +180,23 @@ class Context:
                 self._table[qualname] = new
 
     def __post_init__(self) -> None:
-        from .checks import scripted_modules
-
-        self.scripted = scripted_modules(self.model)
+        # one walk of the module tree (every registration name, shared modules included):
+        # names, owners of each tensor, modules inside TorchScript, and the order of first
+        # registration (what ``named_modules()`` yields)
         for qual, m in self.model.named_modules(remove_duplicate=False):
-            self.names.setdefault(id(m), []).append(qual)
-            for p in list(m._parameters.values()) + list(m._buffers.values()):
-                if p is not None:
-                    self.param_owners.setdefault(id(p), set()).add(id(m))
+            key = id(m)
+            seen = key in self.names
+            self.names.setdefault(key, []).append(qual)
+            if seen:
+                continue
+            self.walk.append((qual, m))
+            if key not in self.scripted and isinstance(m, torch.jit.ScriptModule):
+                for sub in m.modules():  # named after the outermost scripted module
+                    self.scripted.setdefault(id(sub), qual)
+            for store in (m._parameters, m._buffers):
+                for p in store.values():
+                    if p is not None:
+                        self.param_owners.setdefault(id(p), set()).add(key)
         for r in self.regions:
             for n in r.graph.nodes:
                 if n.op == "call_module":
@@ -284,7 +295,7 @@ class Context:
     def module_sites(self) -> Iterator[BNSite]:
         """Every BatchNorm *module* of the model (for transforms that swap modules and need no
         graph: they reach BNs inside untraceable code too). Aliases are yielded once."""
-        for qual, m in self.model.named_modules():
+        for qual, m in self.walk:
             if is_batchnorm(m):
                 yield BNSite(name=qual, kind=_kind(m), node=None, region=None, module=m,
                              running_mean=m.running_mean, running_var=m.running_var,

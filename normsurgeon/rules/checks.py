@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["hook_problem", "BNBehaviour", "bn_behaviour", "ELEMENTWISE", "scripted_modules"]
+__all__ = ["hook_problem", "BNBehaviour", "bn_behaviour", "ELEMENTWISE"]
 
 # modules whose eval forward is an elementwise function of the input (Dropout: identity in eval)
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -123,15 +123,3 @@ def bn_behaviour(m: nn.Module, s: Tensor, t: Tensor,
                               len(candidates) > 1 else "") + ")")
     return BNBehaviour(f"{name} could not be probed: its forward rejected inputs of shape "
                        f"(N, {c}, ...) of rank 2 to 5")
-
-
-def scripted_modules(model: nn.Module) -> dict[int, str]:
-    """``{id(module): name of the outermost TorchScript module holding it}`` for every module
-    inside (or being) a ``torch.jit`` scripted or traced module."""
-    out: dict[int, str] = {}
-    for qual, m in model.named_modules():
-        if id(m) in out or not isinstance(m, torch.jit.ScriptModule):
-            continue
-        for sub in m.modules():
-            out.setdefault(id(sub), qual)
-    return out
