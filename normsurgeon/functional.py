@@ -12,8 +12,10 @@ parameter it replaces, so channels_last weights stay channels_last.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -59,7 +61,9 @@ def bn_scale_shift_many(
     sizes = [int(m.numel()) for m, *_ in stats]
 
     def flat(ts: list[Tensor]) -> Tensor:
-        return torch.cat([t.detach().reshape(-1) for t in ts]).to(torch.float64)
+        with torch.no_grad():  # one cat; only the rare non-1-D tensor pays a reshape
+            return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in ts]).to(
+                torch.float64)
 
     mean = flat([m for m, *_ in stats])
     var = flat([v for _, v, *_ in stats])
@@ -98,34 +102,92 @@ def _scaled(weight: Tensor, scale: Tensor, like: Tensor | None) -> Tensor:
     # ~2.5x faster than one mixed-dtype kernel over the whole tensor, bitwise the same. The
     # block is copied into a work buffer (never the caller's tensor: for a float64 weight
     # ``.to(float64)`` is the weight itself, which mul_ would scale in place) and scaled there.
-    row = max(1, w[0].numel()) if w.shape[0] else 1
-    rows = max(1, _BLOCK // row)
-    buf = _work_buffer(min(rows, w.shape[0]) * row, w.device)
-    for i in range(0, w.shape[0], rows):
-        blk = w[i:i + rows]
-        tmp = buf[:blk.numel()].view(blk.shape)
-        tmp.copy_(blk)
-        out[i:i + rows] = tmp.mul_(scale[i:i + rows])
+    # The blocks come from three ``split`` calls: per block, three kernels and no indexing.
+    n = w.shape[0]
+    if n == 0:
+        return out
+    row = w[0].numel()
+    rows = min(n, max(1, _BLOCK // max(1, row)))
+    full = _work_buffer(rows * row, w.device)[:rows * row].view((rows,) + tuple(w.shape[1:]))
+    if rows == n:  # one block (most weights): no split at all
+        _block(out, full, w, scale)
+        return out
+    for wb, sb, ob in zip(w.split(rows), scale.split(rows), out.split(rows)):
+        _block(ob, full if wb.shape[0] == rows else full[:wb.shape[0]], wb, sb)
     return out
 
 
+def _block(out: Tensor, tmp: Tensor, w: Tensor, scale: Tensor) -> None:
+    """``out ← round(w · scale)`` through the float64 buffer ``tmp``: three elementwise kernels,
+    so the bits do not depend on how many threads run them. Large blocks inside a workspace
+    opened with ``threads > 1`` may run on that many intra-op threads (:class:`_Threads`)."""
+    pool = getattr(_local, "threads", None)
+    k = w.numel()
+    if pool is None or pool.n <= 1 or k < _TIMED or w.device.type != "cpu":
+        out.copy_(tmp.copy_(w).mul_(scale))
+        return
+    if pool.serial is None:  # the first large block: one thread, the reference time
+        t = _clock()
+        out.copy_(tmp.copy_(w).mul_(scale))
+        pool.serial = (_clock() - t) / k
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(pool.n)
+    try:
+        t = _clock()
+        out.copy_(tmp.copy_(w).mul_(scale))
+        took = _clock() - t
+    finally:
+        torch.set_num_threads(before)
+    ratio = took / (pool.serial * k) if pool.serial > 0 else float("inf")
+    pool.slow = pool.slow + 1 if ratio > 1.0 else 0
+    if ratio > _STALLED or pool.slow >= 2:
+        pool.n = 1  # busy cores: one thread from now on
+
+
+@dataclass
+class _Threads:
+    """The intra-op threads that the large blocked products of one workspace may use, chosen
+    by measurement, not guessed from the load.
+
+    On idle cores two threads make the fold math ~25% faster (the in-cache float64 passes
+    scale); on busy cores a parallel kernel waits for a descheduled thread, and a conversion
+    of many such kernels took 25-40x longer. So the first large block runs on one thread and
+    its time per element is the reference; later large blocks run on ``n`` threads until one
+    is 1.5x slower than the reference (a stall) or two in a row are slower at all (no gain),
+    and on one thread for the rest of the workspace from then on: at most two blocks pay for
+    a wrong choice. Small kernels (below ``_TIMED`` elements) always run on one thread.
+    """
+
+    n: int
+    serial: float | None = None  # seconds per element of the reference block
+    slow: int = 0  # parallel blocks in a row slower than the reference
+
+
+_TIMED = 1 << 17  # elements from which a block is timed and may run on several threads
+_STALLED = 1.5  # a parallel block this much slower than the one-thread rate: a stall
+_clock = time.perf_counter  # (tests replace it to play a busy machine)
 _local = threading.local()
 
 
 @contextmanager
-def float64_workspace() -> Iterator[None]:
-    """Within the block, the blocked float64 products of this thread reuse one work buffer.
+def float64_workspace(threads: int = 1) -> Iterator[None]:
+    """Within the block, the blocked float64 products of this thread reuse one work buffer,
+    and large ones may use up to ``threads`` intra-op threads (:class:`_Threads`; the thread
+    setting is restored after each such block).
 
-    Without it each block allocates a fresh 2 MiB buffer; the allocator maps such sizes
+    Without the buffer each block allocates a fresh 2 MiB buffer; the allocator maps such sizes
     freshly from the OS, so every block pays ~500 page faults: on ResNet-50 that was 22k faults
     and half of the conversion time. The buffer never escapes: results are copied out of it.
     """
-    before = getattr(_local, "buffers", None)
-    _local.buffers = {}
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    before = getattr(_local, "buffers", None), getattr(_local, "threads", None)
+    _local.buffers, _local.threads = {}, _Threads(threads)
     try:
         yield
     finally:
-        _local.buffers = before
+        _local.buffers, _local.threads = before
 
 
 def _work_buffer(n: int, device: torch.device) -> Tensor:

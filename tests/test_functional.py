@@ -152,15 +152,45 @@ def test_rel_error_definition():
     assert Fn.rel_error(torch.zeros(2), torch.zeros(2)) == 0.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_fused_fold_is_float64_math_rounded_once(dtype):
-    """like=: one fused kernel computing in float64 gives exactly round(W·s in float64)."""
-    w = torch.randn(16, 8, 3, 3).to(dtype).to(memory_format=torch.channels_last)
-    s, t = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
-    w2, b2 = Fn.fold_conv_bn(w, None, s, t, like=w)
-    ref_w, ref_b = Fn.fold_conv_bn(w, None, s, t)
-    assert w2.dtype == dtype and w2.stride() == w.stride()
-    assert torch.equal(w2, ref_w.to(dtype)) and torch.equal(b2, ref_b.to(dtype))
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (torch.equal says -0 == +0)."""
+    return x.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 37), st.sampled_from([(1,), (3,), (2, 3, 3), (5, 1, 1), (0, 3, 3)]),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       st.booleans(), st.sampled_from([8, 64, 1 << 18]), st.sampled_from([None, 1, 2]),
+       st.integers(0, 99))
+def test_fused_fold_is_float64_math_rounded_once(cout, tail, dtype, channels_last, block,
+                                                 threads, seed):
+    """like=: the blocked kernel gives bit for bit round(W·s computed in float64), in ``like``'s
+    dtype and strides, for any number of blocks (block sizes down to 8 elements, so rows
+    longer than a block, partial last blocks and empty weights all occur), outside a
+    workspace or in one whose large blocks may run on two threads; the weight is never
+    written."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn((cout,) + tail, generator=g, dtype=torch.float64) * 10).to(dtype)
+    if channels_last and len(tail) == 3:
+        w = w.to(memory_format=torch.channels_last)
+    w0 = w.clone()
+    s = torch.rand(cout, generator=g, dtype=torch.float64) * 3 - 1  # negative scales too
+    t = torch.randn(cout, generator=g, dtype=torch.float64)
+    before = Fn._BLOCK, Fn._TIMED
+    Fn._BLOCK, Fn._TIMED = block, 8  # every block of 8+ elements counts as large
+    try:
+        if threads is None:
+            w2, b2 = Fn.fold_conv_bn(w, None, s, t, like=w)
+        else:
+            with Fn.float64_workspace(threads=threads):
+                w2, b2 = Fn.fold_conv_bn(w, None, s, t, like=w)
+    finally:
+        Fn._BLOCK, Fn._TIMED = before
+    ref_w = (w.to(torch.float64) * s.reshape((-1,) + (1,) * len(tail))).to(dtype)
+    ref_b = (s * 0 + t).to(dtype)
+    assert w2.dtype == dtype and w2.shape == w.shape and w2.stride() == w.stride()
+    assert torch.equal(_bits(w2), _bits(ref_w)) and torch.equal(_bits(b2), _bits(ref_b))
+    assert torch.equal(_bits(w), _bits(w0))
 
 
 @settings(max_examples=40, deadline=None)
@@ -241,3 +271,68 @@ def test_float64_workspace_is_per_thread():
         t.join()
         assert Fn._local.buffers  # this thread's buffer exists
     assert seen == [None]
+
+
+class _ScriptedClock:
+    """A clock whose every timed block takes the next scripted duration."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.durations, self.now, self.calls = list(durations), 0.0, 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls % 2 == 0:  # the end of a block
+            self.now += self.durations.pop(0)
+        return self.now
+
+
+@pytest.mark.parametrize("durations, parallel_blocks", [
+    ([1.0, 0.7, 0.7, 0.7, 0.7, 0.7], 5),   # idle cores: every block after the reference
+    ([1.0, 0.7, 2.0, 0.7, 0.7, 0.7], 2),   # a stall: one thread from the next block on
+    ([1.0, 1.1, 1.1, 0.7, 0.7, 0.7], 2),   # two in a row no faster: one thread from then on
+    ([1.0, 1.1, 0.7, 1.1, 0.7, 1.2], 5),   # isolated slow blocks: stays parallel
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_large_blocks_use_threads_only_while_measured_faster(monkeypatch, durations,
+                                                             parallel_blocks, dtype):
+    """In a workspace opened with threads=2 the first large block runs on one thread (the
+    reference), later ones on two until one stalls (1.5x the reference) or two in a row gain
+    nothing; the thread setting is restored after each block, and the bits never change."""
+    monkeypatch.setattr(Fn, "_BLOCK", 8)
+    monkeypatch.setattr(Fn, "_TIMED", 8)
+    monkeypatch.setattr(Fn, "_clock", _ScriptedClock(durations))
+    real_set, settings_seen = torch.set_num_threads, []
+
+    def record(n: int) -> None:
+        settings_seen.append(n)
+        real_set(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(0),  # six blocks of 8
+                    dtype=torch.float64).to(dtype)
+    s, t = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+    before = torch.get_num_threads()
+    with Fn.float64_workspace(threads=2):
+        w2, b2 = Fn.fold_conv_bn(w, None, s, t, like=w)
+    assert torch.get_num_threads() == before
+    assert settings_seen == [2, before] * parallel_blocks
+    ref = (w.double() * s.reshape(-1, 1)).to(dtype)
+    assert torch.equal(_bits(w2), _bits(ref))
+    assert torch.equal(_bits(b2), _bits((s * 0 + t).to(dtype)))
+
+
+def test_one_thread_workspace_never_times_or_switches(monkeypatch):
+    """threads=1 (a caller at one thread) and blocks below the size threshold never touch the
+    thread setting or the clock."""
+    monkeypatch.setattr(Fn, "_clock", lambda: pytest.fail("clock read"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: pytest.fail("threads set"))
+    w = torch.randn(64, 300)  # 19,200 elements: below _TIMED
+    s, t = torch.rand(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64)
+    with Fn.float64_workspace(threads=1):
+        Fn.fold_conv_bn(torch.randn(4096, 64), None, torch.rand(4096, dtype=torch.float64),
+                        torch.zeros(4096, dtype=torch.float64), like=torch.randn(4096, 64))
+    with Fn.float64_workspace(threads=2):
+        Fn.fold_conv_bn(w, None, s, t, like=w)
+    with pytest.raises(ValueError, match="threads"):
+        with Fn.float64_workspace(threads=0):
+            pass

@@ -497,17 +497,27 @@ def test_norm_act_never_folds_into_its_consumer():
     assert rel_error(out_of(out, X), out_of(model, X)) <= FOLD_BAR
 
 
-def test_conversion_restores_the_callers_thread_setting():
+def test_conversion_restores_the_callers_thread_setting(monkeypatch):
     """Conversion runs its own work on one intra-op thread (issue 12); the caller's setting is
-    back afterwards, after an error too, and the model's forwards use the caller's count."""
+    back afterwards, after an error too, the model's forwards use the caller's count, and the
+    fold math may use up to the caller's count for its large blocks (tested in
+    test_functional)."""
+    from normsurgeon import api, functional
+
     before = torch.get_num_threads()
-    seen = []
+    seen, offered = [], []
+
+    def workspace(threads: int = 1):
+        offered.append(threads)
+        return functional.float64_workspace(threads)
+
+    monkeypatch.setattr(api, "float64_workspace", workspace)
     model = prep(conv_bn())
     model[2].register_forward_pre_hook(lambda m, i: seen.append(torch.get_num_threads()))
     try:
         torch.set_num_threads(3)
         ns.convert(model, example_inputs=X)
-        assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == 3 and offered == [3]
         # exactly two forwards of the model, both with the caller's threads: the recording
         # pass and the self-check (issue 12: the check costs at most two forwards)
         assert seen == [3, 3]
