@@ -228,9 +228,9 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     on 2 busy cores: 2.6 s with 2 threads, 0.11 s with 1). Only the large blocks of the fold
     products may use the caller's thread count, while measurement shows that it pays
     (``functional._Threads``: ~25% faster math on idle cores; back to one thread after a
-    stalled block or two that gained nothing). The model's own forwards (example-input recording, the
-    self-check) run with the caller's thread count; the caller's setting is restored
-    afterwards."""
+    stalled block or two that gained nothing). The model's own forwards (example-input
+    recording, the self-check) run with the caller's thread count; the caller's setting is
+    restored afterwards."""
     caller = torch.get_num_threads()
     with _gc_paused(), _num_threads(1), float64_workspace(threads=caller):
         return _convert(model, to, example_inputs, include, exclude, inplace=inplace,

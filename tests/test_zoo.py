@@ -73,3 +73,25 @@ def test_zoo_full_sweep(name):
         assert zoo.exact_in_fp64(rec), rec
         rec = {**rec, "rel": 0.0}
     _assert_ok(rec)
+
+
+@pytest.mark.parametrize("name", list(SLICE))
+def test_lean_call_module_traces_the_same_graph(name):
+    """NormTracer's call_module without fx's scope bookkeeping gives fx's graph node for node
+    (or fx's error, for the models it cannot trace) on real third-party models."""
+    import torch
+
+    from normsurgeon.tracing import NormTracer
+
+    class Stock(NormTracer):
+        def call_module(self, m, forward, args, kwargs):
+            return torch.fx.Tracer.call_module(self, m, forward, args, kwargs)
+
+    def trace(tracer):
+        try:
+            return str(tracer.trace(model))
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {e}"
+
+    model = zoo.build(name)
+    assert trace(NormTracer()) == trace(Stock())
