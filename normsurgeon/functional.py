@@ -11,6 +11,7 @@ parameter it replaces, so channels_last weights stay channels_last.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -127,6 +128,9 @@ def _block(out: Tensor, tmp: Tensor, w: Tensor, scale: Tensor) -> None:
         out.copy_(tmp.copy_(w).mul_(scale))
         return
     if pool.serial is None:  # the first large block: one thread, the reference time
+        free = _free_cores()  # and a look at the machine: other runnable tasks take cores
+        if free is not None:
+            pool.n = max(1, min(pool.n, free))
         t = _clock()
         out.copy_(tmp.copy_(w).mul_(scale))
         pool.serial = (_clock() - t) / k
@@ -145,6 +149,19 @@ def _block(out: Tensor, tmp: Tensor, w: Tensor, scale: Tensor) -> None:
         pool.n = 1  # busy cores: one thread from now on
 
 
+def _free_cores() -> int | None:
+    """Cores this process may use minus the other tasks runnable right now (Linux's
+    ``procs_running`` counts this thread too), or ``None`` where that cannot be read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            running = next(int(line.split()[1]) for line in f
+                           if line.startswith(b"procs_running "))
+        cores = len(os.sched_getaffinity(0))
+    except (OSError, StopIteration, ValueError, AttributeError, IndexError):
+        return None
+    return cores - (running - 1)
+
+
 @dataclass
 class _Threads:
     """The intra-op threads that the large blocked products of one workspace may use, chosen
@@ -152,11 +169,13 @@ class _Threads:
 
     On idle cores two threads make the fold math ~25% faster (the in-cache float64 passes
     scale); on busy cores a parallel kernel waits for a descheduled thread, and a conversion
-    of many such kernels took 25-40x longer. So the first large block runs on one thread and
-    its time per element is the reference; later large blocks run on ``n`` threads until one
-    is 1.5x slower than the reference (a stall) or two in a row are slower at all (no gain),
-    and on one thread for the rest of the workspace from then on: at most two blocks pay for
-    a wrong choice. Small kernels (below ``_TIMED`` elements) always run on one thread.
+    of many such kernels took 25-40x longer. So the first large block runs on one thread: its
+    time per element is the reference, and ``n`` is capped at the cores free at that moment
+    (the cores this process may use minus the other runnable tasks, where Linux tells). Later
+    large blocks run on ``n`` threads until one is 1.5x slower than the reference (a stall) or
+    two in a row are slower at all (no gain), and on one thread for the rest of the workspace
+    from then on: at most two blocks pay for a load that starts mid-conversion. Small kernels
+    (below ``_TIMED`` elements) always run on one thread.
     """
 
     n: int

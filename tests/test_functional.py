@@ -301,6 +301,7 @@ def test_large_blocks_use_threads_only_while_measured_faster(monkeypatch, durati
     monkeypatch.setattr(Fn, "_BLOCK", 8)
     monkeypatch.setattr(Fn, "_TIMED", 8)
     monkeypatch.setattr(Fn, "_clock", _ScriptedClock(durations))
+    monkeypatch.setattr(Fn, "_free_cores", lambda: None)  # as where the load cannot be read
     real_set, settings_seen = torch.set_num_threads, []
 
     def record(n: int) -> None:
@@ -336,3 +337,35 @@ def test_one_thread_workspace_never_times_or_switches(monkeypatch):
     with pytest.raises(ValueError, match="threads"):
         with Fn.float64_workspace(threads=0):
             pass
+
+
+@pytest.mark.parametrize("free, parallel_blocks", [(None, 5), (4, 5), (2, 5), (1, 0), (0, 0)])
+def test_threads_are_capped_at_the_cores_free_when_the_fold_starts(monkeypatch, free,
+                                                                   parallel_blocks):
+    """Other runnable tasks take cores: with one core (or none) free at the first large
+    block, every block runs on one thread; where the load cannot be read (None), the
+    measured rule alone decides."""
+    monkeypatch.setattr(Fn, "_BLOCK", 8)
+    monkeypatch.setattr(Fn, "_TIMED", 8)
+    monkeypatch.setattr(Fn, "_clock", _ScriptedClock([1.0] + [0.7] * 5))
+    monkeypatch.setattr(Fn, "_free_cores", lambda: free)
+    real_set, settings_seen = torch.set_num_threads, []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (settings_seen.append(n),
+                                                             real_set(n)))
+    w = torch.randn(6, 8)
+    s, t = torch.rand(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    before = torch.get_num_threads()
+    with Fn.float64_workspace(threads=2):
+        Fn.fold_conv_bn(w, None, s, t, like=w)
+    assert settings_seen == [2, before] * parallel_blocks
+
+
+def test_free_cores_reads_this_machine():
+    """On Linux: at most the cores this process may use (this thread is running, so at least
+    one of them is not taken by others unless the machine is oversubscribed)."""
+    free = Fn._free_cores()
+    if free is None:
+        pytest.skip("/proc/stat or sched_getaffinity is not available here")
+    import os
+
+    assert free <= len(os.sched_getaffinity(0))
