@@ -165,7 +165,7 @@ def _free_cores() -> int | None:
 @dataclass
 class _Threads:
     """The intra-op threads that the large blocked products of one workspace may use, chosen
-    by measurement, not guessed from the load.
+    by looking at the machine and timing the blocks, never assumed.
 
     On idle cores two threads make the fold math ~25% faster (the in-cache float64 passes
     scale); on busy cores a parallel kernel waits for a descheduled thread, and a conversion
