@@ -169,13 +169,14 @@ class _Threads:
 
     On idle cores two threads make the fold math ~25% faster (the in-cache float64 passes
     scale); on busy cores a parallel kernel waits for a descheduled thread, and a conversion
-    of many such kernels took 25-40x longer. So the first large block runs on one thread: its
-    time per element is the reference, and ``n`` is capped at the cores free at that moment
-    (the cores this process may use minus the other runnable tasks, where Linux tells). Later
-    large blocks run on ``n`` threads until one is 1.5x slower than the reference (a stall) or
-    two in a row are slower at all (no gain), and on one thread for the rest of the workspace
-    from then on: at most two blocks pay for a load that starts mid-conversion. Small kernels
-    (below ``_TIMED`` elements) always run on one thread.
+    of many such kernels took 25-40x longer. So the first large block runs at the ambient
+    setting (one thread inside ``convert``): its time per element is the reference, and ``n``
+    is capped at the cores free at that moment (the cores this process may use minus the
+    other runnable tasks, where Linux tells). Later large blocks run on ``n`` threads until
+    one is 1.5x slower than the reference (a stall) or two in a row are slower at all (no
+    gain), and on one thread for the rest of the workspace from then on: at most two blocks
+    pay for a load that starts mid-conversion. Small kernels (below ``_TIMED`` elements)
+    always run on one thread.
     """
 
     n: int
