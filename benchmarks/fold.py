@@ -81,8 +81,9 @@ def timed(fn: Callable[[], object]) -> float:
     cycle that only a later collection frees: until then its ~100 MB stay allocated, and the
     next call maps fresh memory instead of reusing it (a ResNet-50 ``convert`` then takes
     120 ms instead of 75: the page faults). ``convert``'s result is freed at once, inside its
-    own timed call, and that freed memory then serves ``fuse``. Measured this way the ratios
-    agree with ``--scaling``, which runs every conversion in a fresh process."""
+    own timed call, and that freed memory then serves ``fuse``. Measured this way,
+    ResNet-50's ratio (0.35-0.43 in most runs) is close to ``--scaling``'s, where every
+    conversion runs in a fresh process (0.31-0.38)."""
     gc.collect()
     t = time.perf_counter()
     out = fn()
@@ -148,9 +149,8 @@ def _peak_kib() -> int:
 
 
 def measure_one(name: str, tool: str) -> dict[str, float]:
-    """In this (fresh) process: peak RSS growth of one conversion, then the median time of 3."""
-    import gc
-
+    """In this (fresh) process: peak RSS growth of one conversion, then the median time of 3
+    (each through ``timed``, as every timing of this script)."""
     model = zoo.randomize(zoo.build(name))
     fn = (lambda: ns.convert(model)) if tool == "ns" else (lambda: fuse(model))
     gc.collect()
@@ -164,11 +164,7 @@ def measure_one(name: str, tool: str) -> dict[str, float]:
     out = fn()
     peak = _peak_kib() - rss0
     del out
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+    times = [timed(fn) for _ in range(3)]
     sites = sum(map(is_batchnorm, model.modules()))
     params = sum(p.numel() for p in model.parameters())
     return {"seconds": statistics.median(times), "peak_mib": peak / 1024, "sites": sites,
