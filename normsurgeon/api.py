@@ -27,7 +27,14 @@ from .functional import float64_workspace, rel_error, same_nonfinite
 from .report import Action, ConversionReport, SiteRecord
 from .rules import get_transform
 from .rules.base import Context, Decision, prime_scale_shift
-from .tracing import eval_mode, is_batchnorm, record_inputs, set_submodule, trace_regions
+from .tracing import (
+    CONVERSION_LOCK,
+    eval_mode,
+    is_batchnorm,
+    record_inputs,
+    set_submodule,
+    trace_regions,
+)
 
 __all__ = ["convert", "convert_with_report", "inspect", "ConversionResult"]
 
@@ -232,7 +239,8 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     recording, the self-check) run with the caller's thread count; the caller's setting is
     restored afterwards."""
     caller = torch.get_num_threads()
-    with _gc_paused(), _num_threads(1), float64_workspace(threads=caller):
+    with CONVERSION_LOCK, torch.inference_mode(False), _gc_paused(), _num_threads(1), \
+            float64_workspace(threads=caller):
         return _convert(model, to, example_inputs, include, exclude, inplace=inplace,
                         strict=strict, leaf_modules=leaf_modules, options=options,
                         dry_run=dry_run, check=check, threads=caller)

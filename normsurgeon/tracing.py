@@ -23,6 +23,7 @@ import operator
 import os
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import CodeType
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx import _symbolic_trace as _fx_trace
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _orig_module_call
 from torch.fx.node import map_aggregate
 from torch.fx.proxy import Attribute
@@ -349,9 +351,11 @@ def record_inputs(
     seen: dict[int, tuple[Any, ...]] = {}
     handles = []
 
+    owner = threading.get_ident()
+
     def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if id(mod) in seen:
-            return
+        if id(mod) in seen or threading.get_ident() != owner:
+            return  # another thread serving the same model is not the example run
         if kwargs:
             try:
                 bound = inspect.signature(mod.forward).bind(*args, **kwargs)
@@ -386,6 +390,70 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+# ----------------------------------------------------------------------------------------
+# Tracing without touching other threads
+# ----------------------------------------------------------------------------------------
+# torch.fx traces by patching process-wide objects (``nn.Module.__call__`` and
+# ``__getattr__``, wrapped functions in module globals) for the duration of a trace. Another
+# thread calling a model meanwhile would be traced into this graph (or fail with "module is not
+# installed as a submodule"), and two traces at once can restore each other's patches. So
+# normsurgeon converts under one lock (``CONVERSION_LOCK``: conversions run one at a time, and
+# the temporary recording hooks of one are never seen by another's analysis), and every patch
+# it makes dispatches on the thread: the tracing thread gets fx's replacement, every other
+# thread the object that was there before.
+CONVERSION_LOCK = threading.RLock()
+
+
+def _thread_guard(new_fn: Callable[..., Any], orig_fn: Any, owner: int) -> Callable[..., Any]:
+    if not callable(orig_fn):
+        return new_fn
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == owner:
+            return new_fn(*args, **kwargs)
+        return orig_fn(*args, **kwargs)
+
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__", "__wrapped__"):
+        if hasattr(new_fn, attr):
+            try:
+                setattr(guarded, attr, getattr(new_fn, attr))
+            except (AttributeError, TypeError):
+                pass
+    return guarded
+
+
+class _ThreadLocalPatcher(_fx_trace._Patcher):
+    """fx's patcher whose patches act only in the thread that made them."""
+
+    def patch(self, frame_dict: dict[str, Any], name: str, new_fn: Callable[..., Any],
+              deduplicate: bool = True) -> None:
+        orig = frame_dict[name] if name in frame_dict else getattr(builtins, name, None)
+        if getattr(orig, "__fx_already_patched", False):
+            return super().patch(frame_dict, name, new_fn, deduplicate)
+        super().patch(frame_dict, name, _thread_guard(new_fn, orig, threading.get_ident()),
+                      deduplicate)
+
+    def patch_method(self, cls: type, name: str, new_fn: Callable[..., Any],
+                     deduplicate: bool = True) -> None:
+        orig = getattr(cls, name)
+        if getattr(orig, "__fx_already_patched", False):
+            return super().patch_method(cls, name, new_fn, deduplicate)
+        super().patch_method(cls, name, _thread_guard(new_fn, orig, threading.get_ident()),
+                             deduplicate)
+
+
+@contextlib.contextmanager
+def thread_local_tracing() -> Iterator[None]:
+    """Hold the tracing lock and make fx's patches (made by this thread) thread-local."""
+    with CONVERSION_LOCK:
+        saved = _fx_trace._Patcher
+        _fx_trace._Patcher = _ThreadLocalPatcher  # type: ignore[misc]
+        try:
+            yield
+        finally:
+            _fx_trace._Patcher = saved  # type: ignore[misc]
+
+
 def _trace(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
     """Trace ``module``, undoing fx's habit of adding ``_tensor_constant*`` attributes to it.
 
@@ -393,7 +461,8 @@ def _trace(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, An
     before = set(vars(module))
     constants: dict[str, Any] = {}
     try:
-        graph = tracer.trace(module)
+        with thread_local_tracing():
+            graph = tracer.trace(module)
     finally:
         for key in set(vars(module)) - before:
             if key.startswith("_tensor_constant"):
