@@ -7,28 +7,71 @@ Representative BatchNorm, export to ONNX with custom ops, and verify on onnxrunt
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .api import ConversionResult, convert, convert_with_report, inspect
-from .errors import (
-    ConditionError,
-    ConversionMismatchError,
-    ExportError,
-    ModelInTrainingModeError,
-    NormSurgeonError,
-    StrictModeError,
-    UnknownTransformError,
-    VerificationError,
-)
-from .layers import (
-    ConditionalBatchNorm1d,
-    ConditionalBatchNorm2d,
-    ConditionalBatchNorm3d,
-    RepresentativeBatchNorm2d,
-    convert_sync,
-    param_groups,
-)
-from .report import Action, ConversionReport, SiteRecord
-from .rules import available as available_transforms
+# Public names resolve on first use (PEP 562), so ``import normsurgeon`` and the command line's
+# start-up do not import torch until something needs it: Ctrl-C during that import is then the
+# CLI's one-line "interrupted", not a traceback from the console script.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("ConversionResult", "convert", "convert_with_report", "inspect"), "api"),
+    **dict.fromkeys(("ConditionError", "ConversionMismatchError", "ExportError",
+                     "ModelInTrainingModeError", "NormSurgeonError", "StrictModeError",
+                     "UnknownTransformError", "VerificationError"), "errors"),
+    **dict.fromkeys(("ConditionalBatchNorm1d", "ConditionalBatchNorm2d",
+                     "ConditionalBatchNorm3d", "RepresentativeBatchNorm2d", "convert_sync",
+                     "param_groups"), "layers"),
+    **dict.fromkeys(("Action", "ConversionReport", "SiteRecord"), "report"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .api import ConversionResult, convert, convert_with_report, inspect
+    from .errors import (
+        ConditionError,
+        ConversionMismatchError,
+        ExportError,
+        ModelInTrainingModeError,
+        NormSurgeonError,
+        StrictModeError,
+        UnknownTransformError,
+        VerificationError,
+    )
+    from .layers import (
+        ConditionalBatchNorm1d,
+        ConditionalBatchNorm2d,
+        ConditionalBatchNorm3d,
+        RepresentativeBatchNorm2d,
+        convert_sync,
+        param_groups,
+    )
+    from .report import Action, ConversionReport, SiteRecord
+
+
+_SUBMODULES = frozenset({"api", "cli", "errors", "functional", "layers", "onnx", "report",
+                         "rules", "testing", "tracing"})
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'normsurgeon' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{where}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def available_transforms() -> list[str]:
+    """The registered transforms (``convert``'s ``to``): ``["fold", "cbn", "rbn"]``."""
+    from .rules import available
+
+    return available()
 
 
 def export_onnx(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201

@@ -465,6 +465,16 @@ _EXTRA_COMMANDS: list[Callable[[Any, list[str]], None]] = [_add_export_commands]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; the exit code is returned. Ctrl-C at any point (torch's import
+    at start-up included) is exit 130 with one line."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("normsurgeon: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -482,9 +492,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in NOTES:
             print(f"normsurgeon: note: {note}", file=sys.stderr)
         return code
-    except KeyboardInterrupt:
-        print("normsurgeon: interrupted", file=sys.stderr)
-        return 130
     except StrictModeError as e:
         print(f"normsurgeon: error: --strict: {len(e.reasons)} BatchNorm site(s) would be left "
               f"alone, e.g. {next(iter(e.reasons))}: {next(iter(e.reasons.values()))}",
@@ -502,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_MISMATCH
     except (NormSurgeonError, ValueError, TypeError) as e:
         print(f"normsurgeon: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a full disk, a folder that vanished: what to fix, in one line
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"normsurgeon: error: cannot write or read a file{where}: "
+              f"{e.strerror or _one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -148,3 +148,117 @@ def test_convert_inside_inference_mode_gives_trainable_parameters(to, opts):
         out.train()
         args = (X, torch.randn(2, 4)) if to == "cbn" else (X,)
         out(*args).sum().backward()  # raised "Inference tensors cannot be saved for backward"
+
+
+# --- 3. atomic files, interrupts ------------------------------------------------------------
+FACTORY = '''
+import torch
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+'''
+
+
+@pytest.fixture
+def model_spec(tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text(FACTORY)
+    return f"{f}:build"
+
+
+def _listing(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_export_failure_mid_write_keeps_the_previous_file(model_spec, tmp_path, capsys,
+                                                          monkeypatch, failure):
+    import onnx
+
+    from normsurgeon import cli
+
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous good file")
+    before = _listing(tmp_path)
+    real_save = onnx.save
+
+    def full_disk(proto, path, *a, **k):  # writes half a file, then the disk is full
+        real_save(proto, path, *a, **k)
+        with open(path, "r+b") as f:
+            f.truncate(10)
+        raise failure
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    code = cli.main(["export", model_spec, "--input-shape", "1,3,8,8", "-o", str(target)])
+    err = capsys.readouterr().err
+    assert target.read_bytes() == b"previous good file"
+    assert _listing(tmp_path) == before  # no temporary file left behind
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    if isinstance(failure, OSError):
+        assert code == 2 and "No space left on device" in err
+    else:
+        assert code == 130 and "interrupted" in err
+
+
+def test_export_writes_a_complete_file_and_replaces_the_old_one(tmp_path):
+    import onnx
+
+    model = randomize_bn(conv_bn(), 0).eval()
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    ns.export_onnx(ns.convert(model), X, target)
+    onnx.checker.check_model(onnx.load(str(target)))
+    assert _listing(tmp_path) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("how", ["chained", "signal"])
+def test_ctrl_c_during_torch_export_stops_the_work_instead_of_falling_back(
+        tmp_path, monkeypatch, how):
+    import os
+    import signal
+
+    from normsurgeon.onnx import export as ex
+
+    fallbacks: list[int] = []
+
+    def interrupted_export(*a, **k):
+        # torch.export catches what it meets and raises its own error: the interrupt must win
+        try:
+            if how == "signal":
+                os.kill(os.getpid(), signal.SIGINT)
+            raise KeyboardInterrupt
+        except BaseException as e:
+            raise RuntimeError("torch.export failed while importing torch._inductor") from (
+                e if how == "chained" else None)
+
+    monkeypatch.setattr(ex, "_export_dynamo", interrupted_export)
+    monkeypatch.setattr(ex, "_export_torchscript", lambda *a, **k: fallbacks.append(1))
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"good")
+    with pytest.raises(KeyboardInterrupt):
+        ns.export_onnx(randomize_bn(conv_bn(), 0).eval(), X, target)
+    assert fallbacks == [] and target.read_bytes() == b"good"
+
+
+def test_ctrl_c_during_cli_start_up_is_one_line(monkeypatch, capsys):
+    from normsurgeon import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt  # e.g. while `import torch` runs
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["inspect", "x:y"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "normsurgeon: interrupted"
+
+
+def test_importing_the_package_and_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, normsurgeon, normsurgeon.cli; "
+            "print('torch' in sys.modules, normsurgeon.convert.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "normsurgeon.api"]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .._args import as_inputs
+from .._io import atomic_path, raise_if_interrupted, watch_interrupts
 from ..errors import ExportError, VerificationError
 from ..errors import one_line as _one_line
 from ..layers.cbn import shared_condition_bank
@@ -202,9 +203,11 @@ def export_onnx(
         # the layers call the custom ops, their MLPs computed together (layers.cbn)
         with ops.export_mode("custom") as cbn_ranks, shared_condition_bank(model) as target:
             try:
-                proto = _export_dynamo(target, export_args, dynamic_shapes, opset, in_names,
-                                       out_names)
+                with watch_interrupts():
+                    proto = _export_dynamo(target, export_args, dynamic_shapes, opset,
+                                           in_names, out_names)
             except Exception as e:  # torch.export cannot capture it: trace it instead
+                raise_if_interrupted(e)  # Ctrl-C stops the work; it never picks a fallback
                 fallback = _one_line(e)
                 log.info("torch.export failed (%s); falling back to the TorchScript exporter",
                          fallback)
@@ -244,7 +247,8 @@ def export_onnx(
         proto.opset_import.extend(keep)
         used = []
     _check(proto)
-    onnx.save(proto, path)
+    with atomic_path(path) as tmp:  # a full disk or Ctrl-C never leaves a broken file
+        onnx.save(proto, tmp)
     result = ExportResult(path, proto, used, model_opset, time.perf_counter() - t0, exporter,
                           fallback_reason=fallback, specialized=specialized,
                           input_names=[i.name for i in proto.graph.input],
