@@ -253,7 +253,9 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     transform = get_transform(to)(**options)
+    _validate_model(model, transform)
     transform.validate_model(model)
+    leaf_modules = _leaf_types(leaf_modules)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     inputs = None if example_inputs is None else as_inputs(example_inputs, "example_inputs")
     if transform.needs_eval and model.training:
@@ -271,8 +273,18 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
     ref_out = None
     if inputs is not None:
         wanted = [m for m in work.modules() if id(m) in holders]
+        before = _state_signature(work)
         with _num_threads(threads):  # the model's own forward: the caller's threads
-            recorded, ref_out = record_inputs(work, inputs, wanted)
+            try:
+                recorded, ref_out = record_inputs(work, inputs, wanted)
+            except Exception as e:
+                raise _rejected_inputs(e, inputs) from e
+        changed = _state_changes(before, _state_signature(work))
+        if changed:
+            raise NormSurgeonError(
+                f"the model's forward changed its own parameters or buffers ({changed}) on the "
+                "example inputs (in eval mode, without gradients); normsurgeon cannot analyse a "
+                "model whose forward edits itself")
     if transform.trace == "none":
         regions, status = [], {}
     else:
@@ -362,6 +374,77 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
                         report, check, culprits)
     log.info("%s", report.summary())
     return ConversionResult(work, report)
+
+
+def _validate_model(model: nn.Module, transform: Any) -> None:
+    """Models normsurgeon must refuse before looking at them, each with what to do."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    for name, m in model.named_modules():
+        if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(
+                f"{name or '<model>'} ({type(m).__name__}) is an uninitialised lazy module: its "
+                "weights do not exist yet, and a forward would create them at random. Run the "
+                "model once on a real batch (model(x)) before converting it")
+        if (isinstance(m, nn.parallel.DistributedDataParallel) and transform.name != "fold"):
+            raise ValueError(
+                f"{name or '<model>'} is DistributedDataParallel, which registers its parameters "
+                f"when it is built and would not synchronise the ones to={transform.name!r} "
+                "adds: convert model.module, then wrap the result in DistributedDataParallel")
+    for name, t in _named_tensors(model):
+        if t.is_meta:
+            raise ValueError(
+                f"{name} is on the meta device: it has a shape but no values, so nothing can be "
+                "folded or copied. Materialise the model first (model.to_empty(device='cpu') "
+                "and load_state_dict(...))")
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for mod_name, m in model.named_modules():
+        for store in (m._parameters, m._buffers):
+            for k, t in store.items():
+                if t is not None:
+                    yield (f"{mod_name}.{k}" if mod_name else k), t
+
+
+def _leaf_types(leaf_modules: Any) -> tuple[type[nn.Module], ...]:
+    """``leaf_modules``, validated up front: a sequence of nn.Module subclasses."""
+    if isinstance(leaf_modules, type):
+        leaf_modules = (leaf_modules,)
+    if isinstance(leaf_modules, (str, bytes)) or not isinstance(leaf_modules, Iterable):
+        raise TypeError(f"leaf_modules must be a sequence of nn.Module classes (e.g. "
+                        f"[MyBlock]), got {leaf_modules!r}")
+    out = tuple(leaf_modules)
+    bad = [x for x in out if not (isinstance(x, type) and issubclass(x, nn.Module))]
+    if bad:
+        raise TypeError(f"leaf_modules must hold nn.Module classes (e.g. [MyBlock]), got "
+                        f"{bad[0]!r}")
+    return out
+
+
+def _state_signature(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (id, version counter)}`` of every parameter and buffer: an in-place edit bumps
+    the version, a replaced or new tensor changes the id or the names."""
+    return {k: (id(t), t._version) for k, t in _named_tensors(model)}
+
+
+def _state_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    names = sorted(set(before) ^ set(after)) + [k for k in before if k in after
+                                                and before[k] != after[k]]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _rejected_inputs(e: Exception, inputs: tuple[Any, ...]) -> Exception:
+    """The model's complaint about the example inputs, as a ValueError that says so (the
+    model's own ConditionError / TypeError pass through)."""
+    from .errors import ConditionError, one_line
+
+    if isinstance(e, (ConditionError, NormSurgeonError)):
+        return e
+    shapes = ", ".join(f"{tuple(a.shape)} {str(a.dtype).replace('torch.', '')}"
+                       if isinstance(a, torch.Tensor) else type(a).__name__ for a in inputs)
+    return ValueError(f"the model rejects the example inputs ({shapes}): {one_line(e)}; pass "
+                      "inputs shaped as the model expects")
 
 
 def _bisect_sites(model: nn.Module, to: str, inputs: tuple[Any, ...], ref_out: Any,

@@ -471,6 +471,13 @@ def _trace(tracer: fx.Tracer, module: nn.Module) -> tuple[fx.Graph, dict[str, An
     return graph, constants
 
 
+# torch's wrappers whose forward is known to call ``self.module`` with the same arguments and
+# to return its result: transparent to the analysis (DataParallel on GPUs replicates the
+# wrapped module's current parameters on every call, so folded weights reach every replica)
+KNOWN_WRAPPERS: tuple[type[nn.Module], ...] = (nn.DataParallel,
+                                               nn.parallel.DistributedDataParallel)
+
+
 def trace_regions(
     model: nn.Module,
     *,
@@ -493,6 +500,10 @@ def trace_regions(
             return
         if isinstance(module, torch.jit.ScriptModule):
             status[name] = "opaque: TorchScript module"
+            return
+        if type(module) in KNOWN_WRAPPERS:  # their forward calls self.module: trace through
+            status[name] = "wrapper: forwards to .module"
+            visit(f"{name}.module" if name else "module", module.module)
             return
         example = inputs.get(id(module))
         try:

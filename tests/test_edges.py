@@ -262,3 +262,230 @@ def test_importing_the_package_and_cli_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["False", "normsurgeon.api"]
+
+
+# --- 4-7. models built in other ways --------------------------------------------------------
+def test_uninitialised_lazy_modules_are_refused_and_never_materialised():
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.BatchNorm2d(8)).eval()
+    for example in (None, X):
+        with pytest.raises(ValueError, match="uninitialised lazy module.*model\\(x\\)"):
+            ns.convert(model, example_inputs=example)
+    assert type(model[0]) is nn.LazyConv2d
+    assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)
+    model(X)  # initialised by the user: now an ordinary Conv2d, and it folds
+    assert ns.convert_with_report(randomize_bn(model, 0), example_inputs=X)[1].counts == {
+        "folded": 1}
+
+
+def test_a_forward_that_edits_the_model_is_refused():
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = conv_bn()
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.body(x)
+
+    model = randomize_bn(Counting(), 0).eval()
+    with pytest.raises(ns.NormSurgeonError, match="changed its own parameters or buffers"):
+        ns.convert(model, example_inputs=X)
+
+
+def test_meta_device_models_get_a_clear_error():
+    with torch.device("meta"):
+        model = conv_bn().eval()
+    for to, opts in (("fold", {}), ("cbn", {"cond_dim": 4}), ("rbn", {})):
+        with pytest.raises(ValueError, match="meta device.*to_empty"):
+            ns.convert(model, to, **opts)
+
+
+@pytest.mark.parametrize("make_mid", [nn.Identity, lambda: nn.Dropout(0.5),
+                                      lambda: nn.Dropout2d(0.2),
+                                      lambda: nn.Sequential(nn.Identity(), nn.Dropout(0.1))])
+@pytest.mark.parametrize("example", [None, X])
+def test_identity_in_eval_placeholders_are_transparent(make_mid, example):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), make_mid(), nn.BatchNorm2d(8),
+                                       make_mid(), nn.Conv2d(8, 4, 1, padding=0),
+                                       nn.BatchNorm2d(4)), 0).eval()
+    # BN 2 folds forward into... its producer is placeholder → Conv 0; BN 5 into Conv 4
+    out, rep = ns.convert_with_report(model, example_inputs=example)
+    assert rep.counts == {"folded": 2} and count_bn(out) == 0
+    with torch.no_grad():
+        assert rel_error(out(X), model(X)) <= FOLD_BAR
+
+
+def test_placeholders_do_not_hide_a_second_reader_or_a_training_dropout():
+    class Tap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.mid, self.bn = nn.Conv2d(3, 8, 3), nn.Identity(), nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.mid(self.conv(x))
+            return self.bn(h) + h  # the placeholder's output has a second reader
+
+    rep = ns.inspect(randomize_bn(Tap(), 0).eval())
+    assert rep.counts == {"skipped": 1} and "other users" in rep.sites[0].reason
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout(0.5),
+                                       nn.BatchNorm2d(8)), 0).eval()
+    model[1].train()  # a Dropout left in training mode is not the identity
+    assert ns.inspect(model).counts == {"skipped": 1}
+    hooked = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity(),
+                                        nn.BatchNorm2d(8)), 0).eval()
+    hooked[1].register_forward_hook(lambda m, i, o: None)  # the hook would see other values
+    assert ns.inspect(hooked).counts == {"skipped": 1}
+
+
+@pytest.mark.parametrize("example", [None, X])
+def test_folds_through_data_parallel(example):
+    inner = randomize_bn(conv_bn(), 0)
+    model = nn.DataParallel(inner).eval()
+    out, rep = ns.convert_with_report(model, example_inputs=example)
+    assert type(out) is nn.DataParallel and rep.counts == {"folded": 2}
+    assert [r.name for r in rep.sites] == ["module.1", "module.4"]
+    assert count_bn(out) == 0 and count_bn(model) == 2
+    with torch.no_grad():
+        assert rel_error(out(X), model(X)) <= FOLD_BAR
+
+
+def test_ddp_is_folded_through_and_refused_for_trainable_transforms(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(randomize_bn(conv_bn(), 0)).eval()
+        out, rep = ns.convert_with_report(model, example_inputs=X)
+        assert rep.counts == {"folded": 2}
+        with torch.no_grad():
+            assert rel_error(out(X), model(X)) <= FOLD_BAR
+        with pytest.raises(ValueError, match="convert model.module, then wrap"):
+            ns.convert(model, "cbn", cond_dim=4)
+    finally:
+        dist.destroy_process_group()
+
+
+# --- 8. integer labels ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_labels_of_other_integer_dtypes_are_refused_before_any_computation(dtype):
+    model = randomize_bn(conv_bn(), 0).eval()
+    cbn = ns.convert(model, "cbn", num_classes=5)
+    ran: list[str] = []
+    cbn.get_submodule("0").register_forward_hook(lambda *a: ran.append("conv"))
+    with pytest.raises(ns.ConditionError, match=f"{dtype}.*labels.long\\(\\)"):
+        cbn(X, torch.tensor([1, 2], dtype=dtype))
+    assert ran == []  # refused at the model's entry, before the convolutions
+    assert cbn(X, torch.tensor([1, 2], dtype=torch.int32)).shape == (2, 8, 8, 8)
+
+
+# --- 11. stable batch statistics ----------------------------------------------------------
+@pytest.mark.parametrize("offset", [300.0, 3000.0])
+@pytest.mark.parametrize("kind", ["cbn", "rbn"])
+def test_batch_statistics_are_stable_on_offset_inputs(offset, kind):
+    from normsurgeon.layers import ConditionalBatchNorm2d, RepresentativeBatchNorm2d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 6, 6, generator=g) + offset
+    ref64 = nn.BatchNorm2d(4).double().train()(x.double())
+    bn = nn.BatchNorm2d(4).train()
+    own = float((bn(x).detach().double() - ref64).abs().max() / ref64.abs().max())  # BN fp32
+    if kind == "cbn":
+        layer = ConditionalBatchNorm2d.from_batchnorm(nn.BatchNorm2d(4), cond_dim=3,
+                                                      freeze_stats=False).train()
+        y = layer(x, torch.randn(8, 3, generator=g))
+    else:
+        layer = RepresentativeBatchNorm2d.from_batchnorm(nn.BatchNorm2d(4)).train()
+        y = layer(x)
+    err = float((y.detach().double() - ref64).abs().max() / ref64.abs().max())
+    assert err <= 4 * own, (err, own)  # was 5.9e-3 at 300 and 0.25 at 3,000
+    torch.testing.assert_close(layer.running_var, bn.running_var, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layer.running_mean, bn.running_mean)
+
+
+def test_instance_moments_gradient_is_exact():
+    from normsurgeon.layers._common import instance_moments
+
+    x = (torch.randn(3, 2, 4, 5, dtype=torch.float64) + 50).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: instance_moments(t), (x,))
+    m, v = instance_moments(x.detach())
+    v_ref, m_ref = torch.var_mean(x.detach(), dim=(2, 3), correction=0)
+    torch.testing.assert_close((m, v), (m_ref, v_ref))
+    empty_m, empty_v = instance_moments(torch.zeros(0, 2, 4, 5))
+    assert empty_m.shape == empty_v.shape == (0, 2)
+
+
+# --- 12. DDP corner cases (2 gloo processes) ------------------------------------------------
+def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from normsurgeon.layers import RepresentativeBatchNorm2d, convert_sync
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    results = {}
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(5, 4, 3, 3, generator=g) * 2 + 100
+    cases = {"one value": (full[:1, :, :1, :1], full[1:]),   # rank 0 holds 1 value/channel
+             "empty": (full[:0], full)}                        # rank 0 holds nothing
+    for case, parts in cases.items():
+        layer = convert_sync(RepresentativeBatchNorm2d(4)).train()
+        y = layer(parts[rank])
+        y.sum().backward()
+        results[case] = (layer.running_mean.clone(), layer.running_var.clone(), tuple(y.shape))
+    lone = convert_sync(RepresentativeBatchNorm2d(4)).train()
+    try:  # a global count of 1 is refused on every rank, none left hanging
+        lone(full[:1, :, :1, :1] if rank == 0 else full[:0])
+        results["lone"] = "ran"
+    except ValueError as e:
+        results["lone"] = str(e)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sync_statistics_follow_syncbatchnorm_rules_on_small_and_empty_ranks(tmp_path):
+    import os
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from normsurgeon.layers import RepresentativeBatchNorm2d
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    res = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(5, 4, 3, 3, generator=g) * 2 + 100
+    # "one value": the pooled statistics of 1 + 4·9 values per channel (unbiased variance, as
+    # BN stores it; momentum 0.1 from mean 0, var 1)
+    vals = torch.cat([full[:1, :, 0, 0].T, full[1:].permute(1, 0, 2, 3).reshape(4, -1)],
+                     1).double()
+    expected = {"one value": (0.1 * vals.mean(1).float(), 0.9 + 0.1 * vals.var(1).float())}
+    ref = RepresentativeBatchNorm2d(4).train()
+    ref(full)  # "empty": the other rank's batch alone
+    expected["empty"] = (ref.running_mean, ref.running_var)
+    for case, (mean, var) in expected.items():
+        for r in res:
+            torch.testing.assert_close(r[case][0], mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(r[case][1], var, rtol=1e-5, atol=1e-5)
+    assert res[0]["empty"][2] == (0, 4, 3, 3)
+    for r in res:
+        assert "Expected more than 1 value per channel" in r["lone"]
+
+
+# --- 13. RBN in float64 ---------------------------------------------------------------------
+def test_rbn_conversion_is_exact_in_float64():
+    model = randomize_bn(conv_bn(), 0).double().eval()
+    x = X.double()
+    out = ns.convert(model, "rbn")
+    with torch.no_grad():
+        assert rel_error(out(x), model(x)) <= 1e-14  # was 2.9e-8: r0 computed in float32

@@ -20,31 +20,37 @@ __all__ = ["NormStatsMixin", "convert_sync", "per_sample_affine", "instance_mome
 
 
 class _InstanceMoments(torch.autograd.Function):
-    """``(mean, mean of squares)`` over the spatial axes, with a one-pass backward:
-    ``∂/∂x = (g_m + 2·x·g_q) / L`` is a per-sample affine map of x."""
+    r"""``(mean, biased variance)`` over the spatial axes, with a one-pass backward.
+
+    The variance is computed by ``torch.var_mean`` (a shifted, Welford-style kernel), never as
+    ``E[x²] − m²``, which cancels catastrophically when ``|mean| ≫ std`` (inputs with mean/std
+    = 3,000 came out 25% off). Backward: ``∂m/∂x = 1/L`` and ``∂v/∂x = 2(x − m)/L`` (the
+    dependence through ``m`` cancels because ``Σ(x − m) = 0``), so
+    ``∂/∂x = x·(2g_v/L) + (g_m − 2g_v·m)/L`` is a per-sample affine map of x."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         n, c = x.shape[0], x.shape[1]
-        flat = x.reshape(n * c, 1, -1)
-        length = flat.shape[-1]
-        m = flat.mean(-1).reshape(n, c)
-        q = torch.bmm(flat, flat.transpose(1, 2)).reshape(n, c) / length
-        ctx.save_for_backward(x)
-        return m, q
+        v, m = torch.var_mean(x.reshape(n, c, -1), dim=-1, correction=0)
+        ctx.save_for_backward(x, m)
+        return m, v
 
     @staticmethod
-    def backward(ctx, g_m: Tensor, g_q: Tensor) -> Tensor:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
+    def backward(ctx, g_m: Tensor, g_v: Tensor) -> Tensor:  # type: ignore[override]
+        x, m = ctx.saved_tensors
         length = x[0, 0].numel()
-        return per_sample_affine(x, g_q * (2.0 / length), g_m / length)
+        alpha = g_v * (2.0 / length)
+        return per_sample_affine(x, alpha, g_m / length - alpha * m)
 
 
 def instance_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Per-instance, per-channel ``(mean, biased variance)`` over the spatial axes, (N, C)."""
+    r"""Per-instance, per-channel ``(mean, biased variance)`` over the spatial axes, (N, C).
+    An empty batch gives (0, C) tensors."""
+    if x.shape[0] == 0:
+        empty = x.sum(tuple(range(2, x.dim())))
+        return empty, empty
     if x.is_contiguous() and x.dim() > 2 and not torch.jit.is_tracing():
-        m, q = _InstanceMoments.apply(x)
-        return m, (q - m * m).clamp_min(0)
+        return _InstanceMoments.apply(x)
     v, m = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=0)
     return m, v
 
@@ -57,7 +63,7 @@ def per_sample_affine(x: Tensor, alpha: Tensor, shift: Tensor) -> Tensor:
     fused BN kernels, forward and backward (one pass each), instead of a broadcast multiply-add.
     """
     n, c = x.shape[0], x.shape[1]
-    if x.dim() > 2 and x.is_contiguous() and not torch.jit.is_tracing():
+    if x.dim() > 2 and x.is_contiguous() and n * c > 0 and not torch.jit.is_tracing():
         flat = x.reshape((1, n * c) + tuple(x.shape[2:]))
         stats = torch.zeros(2, n * c, dtype=x.dtype, device=x.device)
         stats[1] = 1.0
@@ -139,34 +145,63 @@ class NormStatsMixin(nn.Module):
         if not self.uses_batch_stats():
             return self.running_mean, torch.rsqrt(self.running_var + self.eps)
         n = m_inst.shape[0]
-        if n * per_instance <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"{n} sample(s) of {per_instance} value(s)")
         factor = self._momentum_factor()
         if self._sync_active():
-            from torch.distributed.nn.functional import all_reduce
-
-            c = self.num_features
-            count = m_inst.new_full((1,), float(n))
-            stats = torch.cat([m_inst.sum(0), (v_inst + m_inst * m_inst).sum(0), count])
-            group = self.process_group if self.process_group is not None else dist.group.WORLD
-            with warnings.catch_warnings():  # deprecated name, still the differentiable one
-                warnings.simplefilter("ignore", FutureWarning)
-                stats = all_reduce(stats, group=group)
-            total_n = stats[-1]
-            mean = stats[:c] / total_n
-            var = (stats[c:2 * c] / total_n - mean * mean).clamp_min(0)
-            total = float(total_n) * per_instance
+            mean, var, total = self._synced_stats(m_inst, v_inst, per_instance)
         else:
+            if n * per_instance <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got "
+                                 f"{n} sample(s) of {per_instance} value(s)")
             mean = m_inst.mean(0)
             var = v_inst.mean(0) + (m_inst - mean).pow(2).mean(0)
-            total = float(n * per_instance)
+            total = m_inst.new_tensor(float(n * per_instance))
         if self.track_running_stats:
             with torch.no_grad():
-                unbiased = var.detach() * (total / max(total - 1.0, 1.0))
+                unbiased = var.detach() * (total / (total - 1.0).clamp_min(1.0))
                 self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
         return mean, torch.rsqrt(var + self.eps)
+
+    def _synced_stats(self, m_inst: Tensor, v_inst: Tensor, per_instance: int
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Global ``(μ, biased σ², count)`` over every process of the group.
+
+        Each rank contributes its count ``N_r = n·L``, mean ``μ_r`` and biased variance
+        ``σ²_r`` (deviations from its own mean: stable); one differentiable all-gather brings
+        them together, merged as ``μ = Σ N_r μ_r / N``, ``σ² = Σ N_r (σ²_r + (μ_r − μ)²) / N``
+        (Chan et al.'s parallel formula, never ``E[x²] − μ²``). An empty rank contributes
+        ``N_r = 0``; like SyncBatchNorm, only a global count of at most 1 is an error (raised
+        on every rank, none left waiting in a collective). The count stays a tensor: no host
+        synchronisation per layer on an accelerator."""
+        from torch.distributed.nn.functional import all_gather
+
+        n, c = m_inst.shape[0], self.num_features
+        count = m_inst.new_full((1,), float(n * per_instance))
+        if n > 0:
+            mu = m_inst.mean(0)
+            var = v_inst.mean(0) + (m_inst - mu).pow(2).mean(0)
+        else:
+            mu = var = m_inst.sum(0)  # zeros of shape (C,), still in the autograd graph
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        with warnings.catch_warnings():  # deprecated name, still the differentiable one
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = all_gather(torch.cat([mu, var, count]), group=group)
+        table = torch.stack(parts)                      # (world, 2C + 1)
+        counts = table[:, -1:]                          # (world, 1)
+        total = counts.sum()
+        # the same verdict on every rank (none is left waiting in a later collective); on an
+        # accelerator an asynchronous assertion, so no host synchronisation per layer
+        if total.device.type == "cpu":
+            if bool(total <= 1):
+                raise ValueError(f"Expected more than 1 value per channel when training, got "
+                                 f"{int(total)} over the process group")
+        else:
+            torch._assert_async(total > 1, "Expected more than 1 value per channel when "
+                                "training, over the process group")
+        w = counts / total
+        mean = (w * table[:, :c]).sum(0)
+        var = (w * (table[:, c:2 * c] + (table[:, :c] - mean).pow(2))).sum(0)
+        return mean, var, total
 
     def _sync_active(self) -> bool:
         return (self.sync and self.training and dist.is_available() and dist.is_initialized()

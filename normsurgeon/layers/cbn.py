@@ -39,7 +39,7 @@ class ConditionSpec:
 
     def describe(self, n: int | str = "N") -> str:
         if self.num_classes is not None:
-            return f"integer labels of shape ({n},) in [0, {self.num_classes})"
+            return (f"int64 (or int32) labels of shape ({n},) in [0, {self.num_classes})")
         return f"a float tensor of shape ({n}, {self.cond_dim})"
 
     def __repr__(self) -> str:
@@ -70,9 +70,11 @@ def check_condition(cond: Any, batch: int | None, spec: ConditionSpec) -> None:
         raise TypeError(f"condition must be a tensor, got {type(cond).__name__}; "
                         f"expected {spec.describe(n)}")
     if spec.num_classes is not None:
-        if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
+        if cond.dtype not in (torch.int64, torch.int32):  # nn.Embedding's index dtypes
+            hint = "" if (cond.is_floating_point() or cond.is_complex()
+                          or cond.dtype == torch.bool) else "; convert them with labels.long()"
             raise ConditionError(f"condition has dtype {cond.dtype}; expected "
-                                 f"{spec.describe(n)}")
+                                 f"{spec.describe(n)}{hint}")
         if cond.dim() != 1:
             raise ConditionError(f"condition has shape {tuple(cond.shape)}; expected "
                                  f"{spec.describe(n)}")

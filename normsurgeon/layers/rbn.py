@@ -66,7 +66,6 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
                     track_running_stats=track, freeze_stats=freeze_stats and track)
         layer._copy_stats_from(bn)
         with torch.no_grad():
-            layer.scaling_reference.copy_(torch.sigmoid(layer.scaling_bias))
             if getattr(bn, "weight", None) is not None:
                 layer.weight.copy_(bn.weight)
             if getattr(bn, "bias", None) is not None:
@@ -74,6 +73,8 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
         ref = bn.running_mean if track else getattr(bn, "weight", None)
         if ref is not None:
             layer.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():  # r₀ in the layer's own dtype (a float64 model: exact to 1e-16)
+            layer.scaling_reference.copy_(torch.sigmoid(layer.scaling_bias))
         layer.train(bn.training)
         return layer
 

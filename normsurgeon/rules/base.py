@@ -365,6 +365,9 @@ class Context:
 _GENERIC_READS = ["parameters(", "named_parameters", "state_dict", "buffers(", "named_buffers",
                   "__dict__", "getattr("]
 _sources: dict[type, str | None] = {}
+# classes whose methods are not the model's code (torch's, the standard library's mixins such
+# as typing.Generic, which DataParallel subclasses)
+_LIBRARY_MODULES = frozenset({"torch", "typing", "builtins", "abc", "collections"})
 
 
 def _forward_source(cls: type) -> str | None:
@@ -374,7 +377,7 @@ def _forward_source(cls: type) -> str | None:
         try:
             _sources[cls] = "\n".join(
                 inspect.getsource(k) for k in cls.__mro__
-                if k.__module__.split(".")[0] != "torch" and k is not object)
+                if k.__module__.split(".")[0] not in _LIBRARY_MODULES)
         except (OSError, TypeError):
             _sources[cls] = None
     return _sources[cls]

@@ -5,8 +5,8 @@ Producer direction (BN after the layer) is tried first, then consumer (BN before
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -27,12 +27,46 @@ _CONVTS: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d,
 _LINEARS: tuple[type[nn.Module], ...] = (nn.Linear,)
 
 
+# modules that are the identity in eval mode (exact classes: a subclass may override forward).
+# Between a layer and its BatchNorm they are transparent: the fold passes through them
+# (``Conv → nn.Identity → BN``, ``Conv → Dropout → BN``, placeholders left by configurable
+# model builders).
+_PLACEHOLDERS: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout)
+
+
+def _is_placeholder(region: Any, node: fx.Node | None) -> bool:
+    """``node`` passes its one tensor argument through unchanged in eval mode: a call of an
+    identity-in-eval module (not training, no hooks)."""
+    if node is None or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    if not isinstance(node.args[0], fx.Node):
+        return False
+    m = region.submodule(node.target)
+    return type(m) in _PLACEHOLDERS and not m.training and hook_problem(m, "") is None
+
+
+def _chain_problem(nodes: list[fx.Node], what: str) -> str | None:
+    """Each node of the chain (layer → placeholders → BN, or BN → placeholders → layer) has
+    exactly one value user: the next one."""
+    for a, b in zip(nodes, nodes[1:]):
+        users = value_users(a)
+        if users != [b]:
+            others = [u.name for u in users if u is not b]
+            return f"{what if a is nodes[0] else a.name}'s output has other users " \
+                   f"({', '.join(others) or 'graph output'})"
+    return None
+
+
 @dataclass
 class FoldMatch:
     site: BNSite
     layer_name: str
     layer: nn.Module
     layer_node: fx.Node
+    # identity-in-eval modules between the layer and the BN, in data-flow order
+    via: list[fx.Node] = field(default_factory=list)
     # (W', b') when check had to compute it (the fp16/bf16 overflow test), valid while the
     # layer still holds the weight it was computed from (else rewrite computes it)
     result: tuple[Tensor, Tensor] | None = None
@@ -65,30 +99,38 @@ class _FoldRule(Rule):
     direction: ClassVar[str] = "producer"
 
     def match(self, ctx: Context, site: BNSite) -> FoldMatch | None:
+        region, via = site.region, []
         if self.direction == "producer":
             node = site.input_node
+            while _is_placeholder(region, node):
+                via.insert(0, node)
+                node = node.args[0]
         else:
             users = value_users(site.node)
             node = users[0] if len(users) == 1 else None
-            if node is not None and (not node.args or node.args[0] is not site.node):
+            while _is_placeholder(region, node):
+                via.append(node)
+                users = value_users(node)
+                node = users[0] if len(users) == 1 else None
+            if node is not None and (not node.args or node.args[0] is not (
+                    via[-1] if via else site.node)):
                 node = None
         if node is None or node.op != "call_module":
             return None
-        layer = site.region.submodule(node.target)
+        layer = region.submodule(node.target)
         if not isinstance(layer, self.layers):
             return None
-        return FoldMatch(site, site.region.qualname(node.target), layer, node)
+        return FoldMatch(site, region.qualname(node.target), layer, node, via)
 
     def check(self, ctx: Context, m: FoldMatch) -> str | None:
         site, layer = m.site, m.layer
         what = f"{type(layer).__name__} {m.layer_name}"
         if self.direction == "producer":
-            users = value_users(m.layer_node)
-            if users != [site.node]:
-                others = [u.name for u in users if u is not site.node]
-                return f"{what}'s output has other users ({', '.join(others) or 'graph output'})"
+            problem = _chain_problem([m.layer_node, *m.via, site.node], what)
+            if problem:
+                return problem
         else:
-            if value_users(site.node) != [m.layer_node]:
+            if _chain_problem([site.node, *m.via, m.layer_node], "BatchNorm"):
                 return "BatchNorm output has several users"
             if site.keep_child is not None:  # BN then activation: the affine cannot pass it
                 return (f"{site.kind} applies its activation ({site.keep_child}) after the "
