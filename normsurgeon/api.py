@@ -170,26 +170,32 @@ def _with_bn_below(model: nn.Module) -> set[int]:
 
 
 def compare_outputs(out: Any, ref: Any) -> float:
-    """Max docs/bars.md relative error over every tensor in two (nested) outputs."""
+    """Max docs/bars.md relative error over every tensor in two (nested) outputs; NaN when
+    nothing finite was compared (every entry non-finite, empty outputs, no tensor at all):
+    agreement on nothing is no agreement."""
     a = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     b = [t for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
     if len(a) != len(b):
         raise NormSurgeonError(f"converted model returned {len(a)} tensors, original {len(b)}")
-    return max((_rel_finite(x, y) for x, y in zip(a, b)), default=0.0)
+    rels = [r for r in (_rel_finite(x, y) for x, y in zip(a, b)) if r is not None]
+    return max(rels) if rels else float("nan")
 
 
-def _rel_finite(y: torch.Tensor, ref: torch.Tensor) -> float:
+def _rel_finite(y: torch.Tensor, ref: torch.Tensor) -> float | None:
     """rel error over the finite entries, when both have the same non-finite entries (a model
     whose original output holds NaN/inf, e.g. from non-finite statistics left unfolded);
-    inf when the non-finite entries differ."""
+    inf when the non-finite entries differ; ``None`` when no finite entry was compared."""
     if y.shape != ref.shape:
         return float("inf")
+    if not ref.is_floating_point() and not ref.is_complex():
+        return 0.0 if torch.equal(y, ref) else float("inf")
     bad = ~torch.isfinite(ref)
     if not bool(bad.any()):
-        return rel_error(y, ref)
+        return rel_error(y, ref) if ref.numel() else None
     if not same_nonfinite(y, ref):
         return float("inf")
-    return rel_error(y[~bad], ref[~bad])
+    keep = ~bad
+    return rel_error(y[keep], ref[keep]) if bool(keep.any()) else None
 
 
 @contextlib.contextmanager
@@ -503,6 +509,15 @@ def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
                                           sites=sites) from e
         log.warning("%s", msg)
         return
+    if rel != rel and not _has_finite(ref_out):
+        msg = ("the self-check compared nothing: the model's output on the example inputs is "
+               "empty or not finite anywhere (all NaN/inf, or a batch of 0), so agreement "
+               "cannot be measured; pass example inputs on which the model gives finite "
+               "outputs (check=False returns the model unchecked)")
+        if check:
+            raise ConversionMismatchError(msg, rel=rel, report=report)
+        log.warning("%s", msg)
+        return
     report.max_rel_error = rel
     dtypes = {p.dtype for p in work.parameters() if p.is_floating_point()}
     bar = 1e-2 if dtypes & {torch.float16, torch.bfloat16} else (
@@ -521,6 +536,13 @@ def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
                 msg + where + ". This is a normsurgeon bug: please report it; check=False "
                 "returns the model anyway", rel=rel, bar=bar, report=report, sites=sites)
         log.warning("%s", msg)
+
+
+def _has_finite(ref_out: Any) -> bool:
+    """Whether the original's output has a finite entry: then a NaN comparison is the converted
+    model going non-finite there (a mismatch), else there was nothing finite to compare."""
+    return any(bool(torch.isfinite(t).any()) for t in tree_leaves(ref_out)
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def _fp64_noise(model: nn.Module, inputs: tuple[Any, ...], ref_out: Any) -> float:

@@ -275,8 +275,9 @@ def _example_args(args: argparse.Namespace) -> tuple[Any, ...]:
     return (x, torch.randn(shape[0], opts["cond_dim"], generator=g))
 
 
-def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
-    """The model as ``export`` and ``verify`` both rebuild it: seeded, then converted."""
+def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...], Any]:
+    """The model as ``export`` and ``verify`` both rebuild it: seeded, then converted. Returns
+    the model, the example inputs and the conversion report (``None`` for ``--to none``)."""
     import torch
 
     import normsurgeon as ns
@@ -285,14 +286,14 @@ def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...]]:
     model = load_model(args.model, args.weights, args.seed)
     _example(model, example[:1])
     if args.to == "none":
-        return model, example
+        return model, example, None
     torch.manual_seed(args.seed)
     converted, report = ns.convert_with_report(model, args.to, example_inputs=example[:1],
                                                **_selection(args), **_convert_options(args))
     if args.to == "cbn" and not report.counts.get("replaced"):
         raise UsageError("--to cbn replaced no BatchNorm (see `normsurgeon inspect --to cbn`): "
                          "the exported model would take a condition it never uses")
-    return converted, example
+    return converted, example, report
 
 
 def _providers(text: str | None) -> list[str] | None:
@@ -324,13 +325,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"-o {args.output}: {e}") from None
     with progress("converting"):
-        model, example = _build_converted(args)
+        model, example, report = _build_converted(args)
     with progress("exporting"):
         res = ns.export_onnx(model, example, args.output, custom_ops=not args.no_custom_ops,
                              allow_specialized=args.allow_specialized)
     ops_text = ", ".join(res.custom_ops) or "standard ops only"
+    if report is not None:
+        print(report.summary())
     print(f"wrote {res.path} ({ops_text}; opset {res.opset}; exporter {res.exporter}; "
           f"{res.seconds:.1f}s)")
+    left = [r for r in report.sites if r.action == "skipped"] if report is not None else []
+    if left:  # a partially converted file must not ship unnoticed
+        verb = "folded" if args.to == "fold" else "converted"
+        print(f"warning: {len(left)} BatchNorm site(s) were not {verb} and remain in the file: "
+              + "; ".join(f"{r.name}: {r.reason}" for r in left[:3])
+              + (f"; and {len(left) - 3} more (see `normsurgeon inspect`)" if len(left) > 3
+                 else ""), file=sys.stderr)
     if res.fallback_reason:
         print(f"note: torch.export could not capture the model ({res.fallback_reason})",
               file=sys.stderr)
@@ -352,7 +362,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"ONNX file {args.onnx_file!r} does not exist")
     providers = _providers(args.providers)
     with progress("rebuilding the reference"):
-        model, example = _build_converted(args)
+        model, example, _ = _build_converted(args)
     with progress("verifying on onnxruntime"):
         try:
             v = ns.verify_onnx(args.onnx_file, model, example, providers=providers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,11 +75,21 @@ class ConversionReport:
     def skipped(self) -> list[SiteRecord]:
         return [s for s in self.sites if s.action == Action.SKIPPED]
 
-    def __getitem__(self, name: str) -> SiteRecord:
+    def __getitem__(self, key: str | int) -> SiteRecord:
+        """``report["layer1.0.bn1"]`` by name, or ``report[0]`` by position."""
+        if isinstance(key, int):
+            return self.sites[key]
         for s in self.sites:
-            if s.name == name:
+            if s.name == key:
                 return s
-        raise KeyError(f"no BatchNorm site named {name!r} in this report")
+        raise KeyError(f"no BatchNorm site named {key!r} in this report")
+
+    def __iter__(self) -> Iterator[SiteRecord]:
+        """``for site in report``: the SiteRecords, in model order."""
+        return iter(self.sites)
+
+    def __contains__(self, name: object) -> bool:
+        return any(s.name == name for s in self.sites)
 
     def __len__(self) -> int:
         return len(self.sites)

@@ -390,7 +390,7 @@ def test_batch_statistics_are_stable_on_offset_inputs(offset, kind):
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 4, 6, 6, generator=g) + offset
-    ref64 = nn.BatchNorm2d(4).double().train()(x.double())
+    ref64 = nn.BatchNorm2d(4).double().train()(x.double()).detach()
     bn = nn.BatchNorm2d(4).train()
     own = float((bn(x).detach().double() - ref64).abs().max() / ref64.abs().max())  # BN fp32
     if kind == "cbn":
@@ -489,3 +489,137 @@ def test_rbn_conversion_is_exact_in_float64():
     out = ns.convert(model, "rbn")
     with torch.no_grad():
         assert rel_error(out(x), model(x)) <= 1e-14  # was 2.9e-8: r0 computed in float32
+
+
+# --- 9. NaN is not agreement ----------------------------------------------------------------
+def test_self_check_refuses_to_pass_on_nothing_finite():
+    model = randomize_bn(conv_bn(), 0).eval()
+    for bad in (torch.full_like(X, float("nan")), X[:0]):
+        with pytest.raises(ns.ConversionMismatchError, match="compared nothing"):
+            ns.convert(model, example_inputs=bad)
+        out, rep = ns.convert_with_report(model, example_inputs=bad, check=False)
+        assert rep.max_rel_error is None  # not 0: nothing was measured
+
+
+def test_verify_does_not_pass_on_all_nan_outputs(tmp_path):
+    class Nan(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = conv_bn()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x) * float("nan")
+
+    model = randomize_bn(Nan(), 0).eval()
+    path = tmp_path / "nan.onnx"
+    ns.export_onnx(model, X, path)
+    res = ns.verify_onnx(path, model, X, providers=["cpu"])
+    assert not res and "PASS" not in res.table()
+    assert all(c.skipped for c in res.comparisons)
+
+
+def test_cli_verify_exits_1_when_nothing_was_compared(tmp_path, capsys):
+    from normsurgeon import cli
+
+    f = tmp_path / "nan.py"
+    f.write_text(FACTORY.replace("nn.ReLU()).eval()", "nn.ReLU(), nn.Softmin(1)).eval()")
+                 + "\n\ndef nan():\n    m = build()\n    m[0].bias.data.fill_(float('inf'))"
+                   "\n    return m\n")
+    out = tmp_path / "nan.onnx"
+    spec = f"{f}:nan"
+    assert cli.main(["export", spec, "--to", "none", "--input-shape", "1,3,8,8", "-o",
+                     str(out)]) == 0
+    code = cli.main(["verify", str(out), "--model", spec, "--to", "none", "--input-shape",
+                     "1,3,8,8", "--providers", "cpu"])
+    text = capsys.readouterr().out
+    assert code == 1 and "FAIL" in text
+
+
+# --- 10. inputs compared too ----------------------------------------------------------------
+def test_verify_compares_the_inputs_of_the_file_with_the_model(tmp_path):
+    model = randomize_bn(conv_bn(), 0).eval()
+    plain = tmp_path / "plain.onnx"
+    ns.export_onnx(model, X, plain)
+    cbn = ns.convert(model, "cbn", cond_dim=4)
+    res = ns.verify_onnx(plain, cbn, (X, torch.randn(2, 4)), providers=["cpu"])
+    assert not res and "the file takes 1 input(s)" in res.table()
+    other = randomize_bn(conv_bn(c_in=5), 0).eval()  # same input count, other channels
+    res = ns.verify_onnx(plain, other, torch.randn(2, 5, 8, 8), providers=["cpu"])
+    assert not res and "shape" in res.comparisons[0].problem
+
+
+def test_an_input_shape_the_file_rejects_is_a_value_error(tmp_path):
+    model = randomize_bn(conv_bn(), 0).eval()
+    path = tmp_path / "fixed.onnx"
+    ns.export_onnx(model, X, path, dynamic_batch=False)  # the file takes batch 2 only
+    assert ns.verify_onnx(path, model, X, providers=["cpu"], batch_sizes=[2])
+    with pytest.raises(ValueError, match="rejects inputs of shape input: \\(3, 3, 8, 8\\)"):
+        ns.verify_onnx(path, model, X, providers=["cpu"], batch_sizes=[2, 3])
+
+
+# --- 14-17. errors that name the mistake ----------------------------------------------------
+@pytest.mark.parametrize("bad", [torch.randn(2, 5, 8, 8), X.double(), X[0, 0]])
+def test_example_inputs_the_model_rejects_are_a_value_error(bad):
+    with pytest.raises(ValueError, match="the model rejects the example inputs"):
+        ns.convert(randomize_bn(conv_bn(), 0).eval(), example_inputs=bad)
+
+
+@pytest.mark.parametrize("bad", ["Conv2d", [nn.Conv2d, "ReLU"], 3])
+def test_leaf_modules_are_validated_up_front(bad):
+    with pytest.raises(TypeError, match="leaf_modules must"):
+        ns.convert(randomize_bn(conv_bn(), 0).eval(), leaf_modules=bad)
+    assert ns.inspect(conv_bn().eval(), leaf_modules=nn.Conv2d).counts  # one class is fine
+
+
+def test_export_of_a_model_that_returns_nothing_raises(tmp_path):
+    class Nothing(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            return None
+
+    with pytest.raises(ValueError, match="returns no tensor"):
+        ns.export_onnx(Nothing(), X, tmp_path / "none.onnx")
+    assert not (tmp_path / "none.onnx").exists()
+
+
+def test_a_report_iterates_over_its_site_records():
+    rep = ns.inspect(randomize_bn(conv_bn(), 0).eval())
+    sites = list(rep)
+    assert [s.name for s in sites] == ["1", "4"] and all(
+        isinstance(s, ns.SiteRecord) for s in sites)
+    assert rep[0] is sites[0] and rep["4"] is sites[1] and "1" in rep and len(rep) == 2
+
+
+# --- 18. the CLI says what was left in a file -----------------------------------------------
+def test_cli_export_fold_names_what_was_left(tmp_path, capsys):
+    from normsurgeon import cli
+
+    f = tmp_path / "net.py"
+    f.write_text(FACTORY + '''
+class PreAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.conv(torch.relu(self.bn(x))))
+
+def pre_act():
+    return PreAct().eval()
+''')
+    code = cli.main(["export", f"{f}:pre_act", "--input-shape", "1,3,8,8", "-o",
+                     str(tmp_path / "o.onnx")])
+    out = capsys.readouterr()
+    assert code == 0
+    assert "2 BatchNorm site(s), 1 folded, 1 skipped" in out.out
+    assert "warning: 1 BatchNorm site(s) were not folded" in out.err and "bn:" in out.err
+
+
+# --- 19. the dependency floor -----------------------------------------------------------------
+def test_torch_floor_excludes_releases_with_the_weights_only_bypass():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', text)
+    assert floor is not None and (int(floor[1]), int(floor[2])) >= (2, 6)

@@ -190,6 +190,10 @@ def export_onnx(
 
     out = check_example_inputs(model, args, "example inputs")
     n_out = sum(isinstance(t, torch.Tensor) for t in tree_leaves(out))
+    if n_out == 0:
+        raise ValueError(f"the model returns no tensor ({type(out).__name__}) on the example "
+                         "inputs: an ONNX file without outputs computes nothing; return the "
+                         "tensors to export from forward")
     out_names = default_output_names(n_out, output_names)
     in_names = [n for n, a in zip(input_names(model, args), args)
                 if isinstance(a, torch.Tensor)]

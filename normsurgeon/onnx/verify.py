@@ -110,7 +110,7 @@ class VerificationResult:
                      + f"; providers that ran: {', '.join(self.providers_run) or 'none'}")
         if not self and not self.failures and skipped:
             lines.append("nothing could be compared on some provider: the model's own output "
-                         "is not finite on any input family")
+                         "is empty or not finite on every input family")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -287,10 +287,23 @@ def verify_onnx(
             ran = True
             inputs = sess.get_inputs()
             onames = [o.name for o in sess.get_outputs()]
+            problem = _input_problem(inputs, args, model)
+            if problem:  # a file for another model: nothing it computes is comparable
+                result.comparisons.append(Comparison(
+                    prov, opt_name, 0, "inputs", float("nan"), float("nan"), bar, atol,
+                    "-", problem=problem))
+                continue
             for (family, case), ref, noise, ref64 in zip(fams, refs, noises, refs64):
                 tensors = [a for a in case if isinstance(a, torch.Tensor)]
                 feeds = {i.name: t.numpy() for i, t in zip(inputs, tensors)}
-                outs = sess.run(None, feeds)
+                try:
+                    outs = sess.run(None, feeds)
+                except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+                    shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in feeds.items())
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise ValueError(f"{path} rejects inputs of shape {shapes} (input family "
+                                     f"{family!r}): {first[:200]}; pass batch_sizes= that the "
+                                     "file accepts, or export it with a dynamic batch") from e
                 batch = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
                 rows = _compare(prov, opt_name, family, batch, onames, outs, ref, bar, atol,
                                 output_names)
@@ -311,6 +324,33 @@ def verify_onnx(
         if ran:
             result.providers_run.append(_PROVIDERS[prov])
     return result
+
+
+def _input_problem(inputs: list[Any], args: tuple[Any, ...], model: nn.Module) -> str:
+    """Why the file's graph inputs cannot be the model's: another count, other names (when
+    the file uses the forward's parameter names, as export_onnx writes them), another rank or
+    another fixed size. Empty when they match."""
+    from .export import input_names
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    names = [n for n, a in zip(input_names(model, args), args) if isinstance(a, torch.Tensor)]
+    file_desc = ", ".join(f"{i.name}{list(i.shape)}" for i in inputs) or "none"
+    if len(inputs) != len(tensors):
+        return (f"the file takes {len(inputs)} input(s) ({file_desc}), the model "
+                f"{len(tensors)} ({', '.join(names)}): it was exported from another model")
+    for k, (i, t, name) in enumerate(zip(inputs, tensors, names)):
+        if i.name != name and not i.name.startswith(("input", "onnx::", "l_")):
+            return (f"input {k} of the file is named {i.name!r}, the model's is {name!r}: it "
+                    "was exported from another model")
+        shape = list(i.shape)
+        if len(shape) != t.dim():
+            return (f"input {i.name!r} of the file has rank {len(shape)} ({shape}), the "
+                    f"model's example {t.dim()} ({list(t.shape)})")
+        fixed = [(d, n) for d, n in zip(shape[1:], t.shape[1:]) if isinstance(d, int)]
+        if any(d != n for d, n in fixed):
+            return (f"input {i.name!r} of the file has shape {shape}, the model's example "
+                    f"{list(t.shape)}")
+    return ""
 
 
 def _own_noise(model: nn.Module, cases: list[tuple[Any, ...]], refs: list[list[np.ndarray]]
@@ -382,6 +422,12 @@ def _compare(prov: str, opt: str, family: str, batch: int, names: list[str],
                     rows.append(row)
                     continue
                 y, r = y[~bad], r[~bad]
+            if not r.size:  # agreement on nothing is no agreement: never a pass
+                row.skipped = ("nothing to compare: the output is empty" if not ref[i].size
+                               else "nothing to compare: every entry of the model's output is "
+                               "inf/NaN here")
+                rows.append(row)
+                continue
             diff = np.abs(y.astype(np.float64) - r.astype(np.float64))
             row.max_abs = float(diff.max()) if diff.size else 0.0
             denom = max(float(np.abs(r).max()) if r.size else 0.0, 1e-12)
