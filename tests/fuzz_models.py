@@ -4,8 +4,9 @@ Every block maps (N, C, H, W) to (N, C', H, W). The idioms are the ones real cod
 that broke normsurgeon before (docs/invariants.md): norm+act subclasses (timm), frozen-BN
 look-alikes (torchvision, detectron-style), look-alikes and subclasses that do more than the
 affine map, hooks, parameters read directly in forward, shared modules, concatenations,
-residuals, branches on the input's shape and values, TorchScript blocks. Grow it whenever a new
-idiom is met.
+residuals, branches on the input's shape and values, TorchScript blocks, identity-in-eval
+placeholders (Identity, Dropout) between a layer and its BN, initialised lazy layers and torch's
+DataParallel wrapper. Grow it whenever a new idiom is met.
 """
 
 from __future__ import annotations
@@ -197,8 +198,45 @@ class ValueBranch(nn.Module):
         return y
 
 
+class Placeholder(nn.Module):
+    """Conv → identity-in-eval module(s) → BN: the ``nn.Identity()`` a configurable builder
+    leaves where an optional layer was switched off, or a Dropout between conv and BN."""
+
+    MIDS = {"identity": lambda: nn.Identity(), "dropout": lambda: nn.Dropout(0.3),
+            "dropout2d": lambda: nn.Dropout2d(0.2),
+            "both": lambda: nn.Sequential(nn.Identity(), nn.Dropout(0.1))}
+
+    def __init__(self, c: int, c2: int, mid: str, bn_first: bool) -> None:
+        super().__init__()
+        self.bn_first = bn_first  # BN → placeholder → conv (the consumer direction)
+        self.conv = nn.Conv2d(c2 if bn_first else c, c2, 1 if bn_first else 3,
+                              padding=0 if bn_first else 1)
+        self.pre = nn.Conv2d(c, c2, 1) if bn_first else nn.Identity()
+        self.mid = self.MIDS[mid]()
+        self.bn = nn.BatchNorm2d(c2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn_first:
+            return self.conv(self.mid(self.bn(torch.relu(self.pre(x)))))
+        return self.bn(self.mid(self.conv(x)))
+
+
+class LazyConvBN(nn.Module):
+    """A LazyConv2d, initialised by a first forward as its users do (it becomes a Conv2d)."""
+
+    def __init__(self, c: int, c2: int) -> None:
+        super().__init__()
+        self.conv = nn.LazyConv2d(c2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c2)
+        with torch.no_grad():
+            self.conv(torch.zeros(1, c, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
 BLOCKS = ["convbn", "convbn", "convT", "bnconv", "residual", "shared", "tied", "bnreader",
-          "concat", "shapebranch", "valuebranch", "scripted"]
+          "concat", "shapebranch", "valuebranch", "scripted", "placeholder", "lazy"]
 
 
 def make_block(kind: str, c: int, c2: int, draw: Any) -> tuple[nn.Module, int]:
@@ -223,6 +261,11 @@ def make_block(kind: str, c: int, c2: int, draw: Any) -> tuple[nn.Module, int]:
         return ShapeBranch(c, c2), c2
     if kind == "valuebranch":
         return ValueBranch(c, c2), c2
+    if kind == "placeholder":
+        return Placeholder(c, c2, draw(st.sampled_from(sorted(Placeholder.MIDS))),
+                           draw(st.booleans())), c2
+    if kind == "lazy":
+        return LazyConvBN(c, c2), c2
     if kind == "scripted":
         return torch.jit.script(ConvBN(c, c2, "bn", 3, 1, False, False)), c2
     raise ValueError(kind)
@@ -280,4 +323,7 @@ def fuzz_models(draw: Any) -> tuple[nn.Module, dict[str, Any]]:
     model = model.to(recipe["dtype"])
     if recipe["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    recipe["wrapper"] = draw(st.sampled_from([None, None, None, "dataparallel"]))
+    if recipe["wrapper"] == "dataparallel":  # torch's wrapper, forwarding to .module
+        model = nn.DataParallel(model).eval()
     return model, recipe
