@@ -315,3 +315,27 @@ def same_nonfinite(y: Tensor, ref: Tensor) -> bool:
     bad = ~torch.isfinite(ref)
     return torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(
         torch.where(torch.isnan(ref), 0, y)[bad], torch.where(torch.isnan(ref), 0, ref)[bad])
+
+
+def fold_weights(kind: str, direction: str, weight: Tensor, bias: Tensor | None, s: Tensor,
+                 t: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
+    r"""``(W', b')`` of one fold, in the weight's dtype (and, for Conv/Linear → BN, its strides),
+    rounded once from float64: the one entry point every front end (nn.Module graphs,
+    ExportedPrograms, ONNX files) uses.
+
+    ``kind``: ``"conv"``, ``"convtranspose"`` or ``"linear"``; ``direction``: ``"producer"``
+    (the layer, then BN) or ``"consumer"`` (BN, then the layer). BN → ConvTranspose has no
+    exact fold and raises ``ValueError``.
+    """
+    if direction == "producer":
+        if kind == "convtranspose":
+            w, b = fold_conv_transpose_bn(weight, bias, s, t, groups)
+            return cast_like(w, weight), b.to(weight.dtype)
+        return fold_conv_bn(weight, bias, s, t, like=weight)
+    if kind == "conv":
+        w, b = fold_bn_conv(weight, bias, s, t, groups)
+    elif kind == "linear":
+        w, b = fold_bn_linear(weight, bias, s, t)
+    else:
+        raise ValueError(f"no exact fold of BatchNorm before a {kind}")
+    return cast_like(w, weight), b.to(weight.dtype)

@@ -18,6 +18,7 @@ from ..report import Action, SiteRecord
 from ..tracing import path_problem, value_users
 from .base import BNSite, Context, Decision, Rule, Transform
 from .checks import bn_behaviour, hook_problem
+from .plan import FoldFacts, batched_problem, decide
 
 __all__ = ["FoldTransform", "FOLD_RULES"]
 
@@ -122,65 +123,71 @@ class _FoldRule(Rule):
             return None
         return FoldMatch(site, region.qualname(node.target), layer, node, via)
 
+    kind: ClassVar[str] = "conv"
+
     def check(self, ctx: Context, m: FoldMatch) -> str | None:
+        """Fill the planner's facts from the fx graph and the module tree; the planner
+        (:func:`normsurgeon.rules.plan.decide`) decides."""
+        f = self.facts(ctx, m)
+        problem = decide(f)
+        m.result_of = m.layer.weight
+        m.result = f.result
+        return problem
+
+    def facts(self, ctx: Context, m: FoldMatch) -> FoldFacts:
         site, layer = m.site, m.layer
+        region = site.region
         what = f"{type(layer).__name__} {m.layer_name}"
-        if self.direction == "producer":
-            problem = _chain_problem([m.layer_node, *m.via, site.node], what)
-            if problem:
-                return problem
-        else:
-            if _chain_problem([site.node, *m.via, m.layer_node], "BatchNorm"):
-                return "BatchNorm output has several users"
-            if site.keep_child is not None:  # BN then activation: the affine cannot pass it
-                return (f"{site.kind} applies its activation ({site.keep_child}) after the "
-                        "normalization; only its producer can take the affine part")
-        problem = (_standard_layer_problem(layer, self.layers)
-                   or ctx.single_call_problem(layer, what)
-                   or ctx.other_readers_problem(site, [layer]))
-        if problem:
-            return problem
-        if site.module is not None:
+        producer = self.direction == "producer"
+        chain = [m.layer_node, *m.via, site.node] if producer else [site.node, *m.via,
+                                                                     m.layer_node]
+        # the tensor whose layout matters: the layer's output, or the BN's
+        node = m.layer_node if producer else site.node
+
+        def bn_sharing() -> str | None:
+            if site.module is None:
+                return None
             problem = ctx.single_call_problem(site.module, "BatchNorm")
-            if problem and "parameters are shared" not in problem:
-                return problem
-        channels = self.channels(layer)
-        if site.num_features != channels:
-            return (f"BatchNorm has {site.num_features} features but {what} has {channels} "
-                    f"{'output' if self.direction == 'producer' else 'input'} channels")
-        problem = self.specific(ctx, m)
-        if problem:
-            return problem
-        if self.direction == "producer":
-            problem = path_problem(site.region, [m.layer_node], site.node)
-        else:
-            problem = path_problem(site.region, [site.node], m.layer_node)
-        if problem:
-            return problem
-        m.result_of = layer.weight
-        # overflow is a real risk in fp16/bf16 (max 65504 / 3.4e38 with 8 mantissa bits); in
-        # fp32/fp64 a finite weight times a scale below 1e30 cannot reach inf, so skip the scan
-        top = m.site._max_abs_s
+            return None if problem and "parameters are shared" in problem else problem
+
+        top = site._max_abs_s
         if top is None:
-            s, _ = m.site.scale_shift()
+            s, _ = site.scale_shift()
             top = float(s.abs().max()) if s.numel() else 0.0
-        risky = layer.weight.dtype in (torch.float16, torch.bfloat16) or top >= 1e30
-        if not risky:  # (W', b') is computed by rewrite: a dry run never pays for it
-            return None
-        m.result = w, b = self.folded(m)
-        if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
-            return f"folded weights would overflow {layer.weight.dtype}"
-        return None
+        pad = False
+        if not producer and self.kind == "conv" and layer.padding_mode == "zeros":
+            p = layer.padding
+            pad = (p == "same" and any(k > 1 for k in layer.kernel_size)) if isinstance(
+                p, str) else any(x != 0 for x in p)
+        return FoldFacts(
+            direction=self.direction, kind=self.kind, what=what,
+            layer_type=type(layer).__name__, bn_kind=site.kind,
+            chain=lambda: _chain_problem(chain, what if producer else "BatchNorm"),
+            keep_child=site.keep_child,
+            layer=lambda: _standard_layer_problem(layer, self.layers),
+            sharing=lambda: ctx.single_call_problem(layer, what),
+            readers=lambda: ctx.other_readers_problem(site, [layer]),
+            bn_sharing=bn_sharing, bn_features=site.num_features,
+            channels=self.channels(layer), weight_rank=layer.weight.dim(),
+            ranks=lambda: region.ranks(node),
+            rank_checked_by_bn=type(site.module) in (nn.BatchNorm2d, nn.BatchNorm3d),
+            bn_1d=isinstance(site.module, nn.BatchNorm1d),
+            shape=lambda: region.output_shape(node),
+            reads_zero_padding=pad,
+            shift=site.scale_shift()[1] if pad else None,
+            path=lambda: path_problem(region, [m.layer_node] if producer else [site.node],
+                                      site.node if producer else m.layer_node),
+            risky=layer.weight.dtype in (torch.float16, torch.bfloat16) or top >= 1e30,
+            folded=lambda: self.folded(m), weight_dtype=layer.weight.dtype)
 
     # -- hooks for subclasses --------------------------------------------------------------
     def channels(self, layer: nn.Module) -> int:
         raise NotImplementedError
 
-    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
-        return None
-
     def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        s, t = m.site.scale_shift()
+        return Fn.fold_weights(self.kind, self.direction, m.layer.weight, m.layer.bias, s, t,
+                               getattr(m.layer, "groups", 1))
 
     def rewrite(self, ctx: Context, m: FoldMatch) -> SiteRecord:
         layer = ctx.target_module(m.layer_name)
@@ -193,40 +200,6 @@ class _FoldRule(Rule):
                             f"{self.direction}, {self.name}")
 
 
-def _two_dim_problem(site: BNSite, node: fx.Node | None, what: str) -> str | None:
-    ranks = site.region.ranks(node) if node is not None else None
-    if ranks is None or len(ranks) != 1:
-        return (f"cannot prove the {what} tensor is 2-D (N, F), the only layout where the "
-                "BatchNorm channel axis is the Linear feature axis; pass example_inputs")
-    if ranks != {2}:
-        shape = site.region.output_shape(node)
-        return (f"{what} tensor has {f'shape {tuple(shape)}' if shape else f'rank {min(ranks)}'}"
-                ": BatchNorm normalizes axis 1, the Linear acts on the last axis; folding "
-                "would be wrong")
-    return None
-
-
-def _batched_problem(site: BNSite, layer: nn.Module, node: fx.Node) -> str | None:
-    """Conv ↔ BN folds need the batched layout (N, C, ...): on an unbatched (C, ...) tensor the
-    BN's channel axis is the conv's first spatial axis. BatchNorm2d/3d reject such inputs
-    themselves; BatchNorm1d accepts (C, L) when L happens to equal C, and look-alikes check
-    nothing, so the rank must be proven (example shapes or the graph)."""
-    want = layer.weight.dim()
-    if type(site.module) in (nn.BatchNorm2d, nn.BatchNorm3d):
-        return None  # they reject any rank but 4 / 5 themselves: no proof needed
-    ranks = site.region.ranks(node)
-    if ranks is not None and ranks == {want}:
-        return None
-    if ranks is not None and want not in ranks:
-        return (f"the tensor between {type(layer).__name__} and BatchNorm is unbatched "
-                f"(rank {min(ranks)}, not {want}): BatchNorm's channel axis would be the "
-                "conv's spatial axis")
-    if ranks is not None and len(ranks) > 1 and isinstance(site.module, nn.BatchNorm1d):
-        return ("cannot prove the tensor between Conv1d and BatchNorm1d is batched (N, C, L); "
-                "on an unbatched (C, L) tensor BatchNorm1d normalizes L; pass example_inputs")
-    return None
-
-
 class ConvBN(_FoldRule):
     """Conv{1,2,3}d → BN: ``W'[o] = W[o]·s[o]``, ``b' = s·b + t``."""
 
@@ -236,30 +209,16 @@ class ConvBN(_FoldRule):
     def channels(self, layer: nn.Module) -> int:
         return layer.out_channels
 
-    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
-        return _batched_problem(m.site, m.layer, m.layer_node)
-
-    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
-        s, t = m.site.scale_shift()
-        return Fn.fold_conv_bn(m.layer.weight, m.layer.bias, s, t, like=m.layer.weight)
-
 
 class ConvTransposeBN(_FoldRule):
     """ConvTranspose{1,2,3}d → BN, groups included."""
 
     name = "convtranspose-bn"
     layers = _CONVTS
+    kind = "convtranspose"
 
     def channels(self, layer: nn.Module) -> int:
         return layer.out_channels
-
-    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
-        return _batched_problem(m.site, m.layer, m.layer_node)
-
-    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
-        s, t = m.site.scale_shift()
-        w, b = Fn.fold_conv_transpose_bn(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
-        return Fn.cast_like(w, m.layer.weight), b.to(m.layer.weight.dtype)
 
 
 class LinearBN(_FoldRule):
@@ -267,16 +226,10 @@ class LinearBN(_FoldRule):
 
     name = "linear-bn"
     layers = _LINEARS
+    kind = "linear"
 
     def channels(self, layer: nn.Module) -> int:
         return layer.out_features
-
-    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
-        return _two_dim_problem(m.site, m.layer_node, "Linear output")
-
-    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
-        s, t = m.site.scale_shift()
-        return Fn.fold_linear_bn(m.layer.weight, m.layer.bias, s, t, like=m.layer.weight)
 
 
 class BNConv(_FoldRule):
@@ -289,28 +242,6 @@ class BNConv(_FoldRule):
     def channels(self, layer: nn.Module) -> int:
         return layer.in_channels
 
-    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
-        conv = m.layer
-        problem = _batched_problem(m.site, conv, m.site.node)
-        if problem:
-            return problem
-        if conv.padding_mode != "zeros":
-            return None
-        pad = conv.padding
-        reads_pad = (pad == "same" and any(k > 1 for k in conv.kernel_size)) if isinstance(
-            pad, str) else any(p != 0 for p in pad)
-        if reads_pad:
-            _, t = m.site.scale_shift()
-            if bool((t != 0).any()):
-                return ("conv uses zero padding: the padded zeros would not be shifted by the "
-                        "BatchNorm, so folding would change the borders")
-        return None
-
-    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
-        s, t = m.site.scale_shift()
-        w, b = Fn.fold_bn_conv(m.layer.weight, m.layer.bias, s, t, m.layer.groups)
-        return Fn.cast_like(w, m.layer.weight), b.to(m.layer.weight.dtype)
-
 
 class BNLinear(_FoldRule):
     """BN → Linear on a proven 2-D input."""
@@ -318,29 +249,29 @@ class BNLinear(_FoldRule):
     name = "bn-linear"
     layers = _LINEARS
     direction = "consumer"
+    kind = "linear"
 
     def channels(self, layer: nn.Module) -> int:
         return layer.in_features
 
-    def specific(self, ctx: Context, m: FoldMatch) -> str | None:
-        return _two_dim_problem(m.site, m.site.node, "BatchNorm output")
-
-    def folded(self, m: FoldMatch) -> tuple[Tensor, Tensor]:
-        s, t = m.site.scale_shift()
-        w, b = Fn.fold_bn_linear(m.layer.weight, m.layer.bias, s, t)
-        return Fn.cast_like(w, m.layer.weight), b.to(m.layer.weight.dtype)
-
 
 class BNConvTranspose(_FoldRule):
-    """BN → ConvTranspose is never exact: the shift's contribution varies in space. Refused."""
+    """BN → ConvTranspose is never exact: the shift's contribution varies in space. Refused
+    (by the planner)."""
 
     name = "bn-convtranspose"
     layers = _CONVTS
     direction = "consumer"
+    kind = "convtranspose"
 
-    def check(self, ctx: Context, m: FoldMatch) -> str | None:
-        return ("BatchNorm before a ConvTranspose cannot fold: the shift's contribution to "
-                "the output varies in space")
+    def channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+
+def _cat_batched_problem(site: BNSite, layer: nn.Module, node: fx.Node) -> str | None:
+    return batched_problem(site.region.ranks(node), layer.weight.dim(),
+                           type(site.module) in (nn.BatchNorm2d, nn.BatchNorm3d),
+                           isinstance(site.module, nn.BatchNorm1d), type(layer).__name__)
 
 
 @dataclass
@@ -400,7 +331,7 @@ class CatConvBN(Rule):
             if problem and "parameters are shared" not in problem:
                 return problem
         problem = path_problem(m.site.region, m.layer_nodes, m.site.node) or next(
-            (p for p in (_batched_problem(m.site, layer, node)
+            (p for p in (_cat_batched_problem(m.site, layer, node)
                          for layer, node in zip(m.layers, m.layer_nodes)) if p), None)
         if problem:
             return problem
