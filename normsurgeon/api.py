@@ -256,8 +256,21 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
              inplace: bool, strict: bool, leaf_modules: Sequence[type[nn.Module]],
              options: dict[str, Any], dry_run: bool, check: bool,
              threads: int = 1) -> ConversionResult:
+    if isinstance(model, torch.export.ExportedProgram):
+        return _convert_program(model, to, example_inputs, include, exclude, inplace=inplace,
+                                strict=strict, leaf_modules=leaf_modules, options=options,
+                                dry_run=dry_run, check=check)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be a torch.nn.Module or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
+    from .frontends.exported import is_exported_graph_module
+
+    n_aten = is_exported_graph_module(model)
+    if n_aten:
+        raise TypeError(
+            f"this GraphModule holds {n_aten} ATen batch-norm op(s): it comes from "
+            "torch.export (ExportedProgram.module()), whose BatchNorms are folded in the "
+            "program itself: pass the ExportedProgram (ns.convert(ep)) instead")
     transform = get_transform(to)(**options)
     _validate_model(model, transform)
     transform.validate_model(model)
@@ -380,6 +393,23 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
                         report, check, culprits)
     log.info("%s", report.summary())
     return ConversionResult(work, report)
+
+
+def _convert_program(ep: Any, to: str, example_inputs: Any, include: Any, exclude: Any, *,
+                     inplace: bool, strict: bool, leaf_modules: Any, options: dict[str, Any],
+                     dry_run: bool, check: bool) -> ConversionResult:
+    """``convert`` of a ``torch.export.ExportedProgram`` (:mod:`normsurgeon.frontends.exported`)."""
+    from .frontends.exported import convert_program, unsupported_options
+
+    get_transform(to)  # an unknown name is the same error as for a module
+    problem = unsupported_options(to, inplace and not dry_run, tuple(leaf_modules), options)
+    if problem:
+        raise TypeError(problem)
+    new, report = convert_program(ep, example_inputs=example_inputs,
+                                  include=_patterns(include, "include"),
+                                  exclude=_patterns(exclude, "exclude"), strict=strict,
+                                  check=check, dry_run=dry_run)
+    return ConversionResult(new, report)
 
 
 def _validate_model(model: nn.Module, transform: Any) -> None:
