@@ -182,3 +182,37 @@ def test_fuzz_lean_call_module_traces_the_same_graph(case):
         ours = _trace_or_error(ConcreteTracer((x,)), model)
         theirs = _trace_or_error(concrete((x,)), model)
     assert ours == theirs
+
+
+PROGRAM_EXAMPLES = max(10, EXAMPLES // 3)  # a torch.export capture takes ~0.3 s
+
+
+@settings(max_examples=PROGRAM_EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
+          suppress_health_check=list(HealthCheck), print_blob=True)
+@given(fuzz_models())
+def test_fuzz_exported_program_agrees_with_the_module_path(case):
+    """Every fuzz model torch.export can capture is also folded as an ExportedProgram: the
+    program is untouched, the result is exact, and the two front ends agree on what folds."""
+    model, recipe = case
+    x, other = _inputs(recipe)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (x,))
+    except Exception:  # noqa: BLE001 - torch cannot capture it (TorchScript, value branches)
+        return
+    graph, state = str(ep.graph), {k: v.clone() for k, v in ep.state_dict.items()}
+    new, rep = ns.convert_with_report(ep)
+    assert str(ep.graph) == graph and all(torch.equal(ep.state_dict[k], v)
+                                          for k, v in state.items()), recipe
+    with torch.no_grad():
+        got, ref = new.module()(x), ep.module()(x)
+    got = list(got) if isinstance(got, tuple) else [got]
+    ref = list(ref) if isinstance(ref, tuple) else [ref]
+    rel = max(rel_error(a, b) for a, b in zip(got, ref))
+    assert rel <= max(1e-5, 4 * _noise(model, x)), (recipe, rel, rep.table())
+    _, mrep = ns.convert_with_report(model, example_inputs=x)
+    folded = {r.name for r in mrep if r.action == "folded"}
+    in_program = {r.name for r in rep}
+    program_folded = {r.name for r in rep if r.action == "folded"}
+    missed = (folded & in_program) - program_folded
+    assert not missed, (recipe, missed, rep.table(), mrep.table())

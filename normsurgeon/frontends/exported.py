@@ -48,7 +48,7 @@ from .. import functional as Fn
 from ..errors import ConversionMismatchError, StrictModeError
 from ..report import Action, ConversionReport, SiteRecord
 from ..rules.base import BNSite
-from ..rules.plan import FoldFacts, chain_problem, decide
+from ..rules.plan import FoldFacts, chain_problem, decide, decide_cat
 
 __all__ = ["convert_program", "is_exported_graph_module"]
 
@@ -80,9 +80,15 @@ _CONVOLUTION = _overloads("convolution")
 _LINEAR = _overloads("linear")
 _ADDMM, _MM = aten.addmm.default, aten.mm.default
 _TRANSPOSES = {aten.t.default, aten.permute.default}
+_CAT = _overloads("cat")
 # identity in value (eval dropout, copies): transparent between a layer and its BN
 _PASS_THROUGH = _overloads("dropout", "feature_dropout", "alpha_dropout", "clone", "alias",
                            "detach")
+# copies of each channel's own values (reflect / replicate / circular padding): a per-channel
+# affine map commutes with them, so they are transparent too (zero padding is not)
+_COPY_PADS = _overloads("reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+                        "replication_pad1d", "replication_pad2d", "replication_pad3d")
+_PAD = _overloads("pad")
 # ops reading only a tensor's metadata: not readers of its values
 _METADATA = _overloads("sym_size", "sym_stride", "sym_numel", "sym_storage_offset")
 _CONSTANT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -126,10 +132,15 @@ def _module_path(node: fx.Node) -> tuple[str, str] | None:
 def _passes_through(node: Any) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
         return False
-    if node.target not in _PASS_THROUGH or not isinstance(node.args[0], fx.Node):
+    if not isinstance(node.args[0], fx.Node):
         return False
-    a = _bind(node)
-    return a.get("train", False) is False  # dropout: only when not training
+    if node.target in _COPY_PADS:
+        return True
+    if node.target in _PAD:
+        return _bind(node).get("mode") in ("reflect", "replicate", "circular")
+    if node.target not in _PASS_THROUGH:
+        return False
+    return _bind(node).get("train", False) is False  # dropout: only when not training
 
 
 class _Reader:
@@ -229,6 +240,8 @@ class _Plan:
     layer: _Layer
     direction: str
     via: list[fx.Node] = field(default_factory=list)
+    parts: list[_Layer] = field(default_factory=list)  # cat(conv, ...) → BN: every conv
+    cat: fx.Node | None = None
 
 
 class _Planner:
@@ -310,7 +323,9 @@ class _Planner:
                 via.insert(0, node)
                 node = node.args[0]
             layer = _layer(node)
-            return _Plan(s, layer, direction, via) if layer is not None else None
+            if layer is not None:
+                return _Plan(s, layer, direction, via)
+            return self._cat_candidate(s, node, via)
         users = _value_users(s.value)
         node = users[0] if len(users) == 1 else None
         while _passes_through(node):
@@ -321,6 +336,22 @@ class _Planner:
         if layer is None or layer.input is not (via[-1] if via else s.value):
             return None
         return _Plan(s, layer, direction, via)
+
+    def _cat_candidate(self, s: _Site, node: Any, via: list[fx.Node]) -> _Plan | None:
+        """``cat([conv_1(x_1), …, conv_k(x_k)], 1) → BN``."""
+        if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _CAT:
+            return None
+        a = _bind(node)
+        parts, dim = a["tensors"], a["dim"]
+        val = node.meta.get("val")
+        rank = val.dim() if isinstance(val, Tensor) else None
+        if not isinstance(parts, (list, tuple)) or len(parts) < 2 or rank is None or (
+                dim % rank != 1):
+            return None
+        layers = [_layer(p) for p in parts]
+        if any(x is None or x.kind != "conv" for x in layers):
+            return None
+        return _Plan(s, layers[0], "producer", via, parts=layers, cat=node)  # type: ignore
 
     def layer_name(self, layer: _Layer) -> str:
         fqn = self.r.fqn(layer.weight)
@@ -417,6 +448,37 @@ class _Planner:
                                            layer.groups),
             weight_dtype=w.dtype if w is not None else None)
 
+    def _decide_cat(self, p: _Plan) -> str | None:
+        """Facts for each conv of a concatenation, for :func:`decide_cat`."""
+        s = p.site
+        assert s.stats is not None and p.cat is not None
+        facts, start = [], 0
+        sc, sh = s.stats.scale_shift()
+        for i, layer in enumerate(p.parts):
+            f = self.facts(_Plan(s, layer, "producer", []))
+            w = self.r.tensor(layer.weight)
+            end = start + (self._out_channels(layer, w) if w is not None else 0)
+            what = f.what
+            f.chain = (lambda layer=layer, what=what: f"{what}'s output has other users"
+                       if _value_users(layer.node) != [p.cat] else None)
+            f.bn_features, f.path = end - start, None
+            if i:
+                f.readers = f.bn_sharing = None
+            bias = self.r.tensor(layer.bias) if layer.bias is not None else None
+            f.folded = (lambda w=w, bias=bias, a=start, b=end: Fn.fold_weights(
+                "conv", "producer", w, bias, sc[a:b], sh[a:b]))
+            facts.append(f)
+            start = end
+        chain = [p.cat, *p.via, s.node]
+
+        def cat_chain() -> str | None:
+            for a, b in zip(chain, chain[1:]):
+                if [u for u in _value_users(a) if u is not b]:
+                    return "cat output has other users"
+            return None
+
+        return decide_cat(cat_chain, facts, s.stats.num_features)
+
     @staticmethod
     def _out_channels(layer: _Layer, w: Tensor) -> int:
         if layer.kind == "convtranspose":
@@ -444,7 +506,7 @@ class _Planner:
             p = self.candidate(s, direction)
             if p is None:
                 continue
-            why = decide(self.facts(p))
+            why = self._decide_cat(p) if p.parts else decide(self.facts(p))
             if why is None:
                 return p, ""
             reasons.setdefault(direction, why)
@@ -504,18 +566,25 @@ class _Writer:
         return self.values[name]
 
     def apply(self, p: _Plan) -> None:
-        s, layer = p.site, p.layer
+        s = p.site
         assert s.stats is not None
         sc, sh = s.stats.scale_shift()
-        w = self.value(layer.weight)
-        b = self.value(layer.bias) if layer.bias is not None else None
-        w2, b2 = Fn.fold_weights(layer.kind, p.direction, w, b, sc, sh, layer.groups)
-        self.values[layer.weight.name] = _like(w2, w)
-        node = self.vm[layer.node]
-        if layer.bias is not None:
-            self.values[layer.bias.name] = _like(b2, b)
-        else:
-            self._add_bias(layer, node, b2, w)
+        start = 0
+        for layer in p.parts or [p.layer]:
+            w = self.value(layer.weight)
+            b = self.value(layer.bias) if layer.bias is not None else None
+            if p.parts:  # its slice of the BN's channels
+                end = start + _Planner._out_channels(layer, w)
+                w2, b2 = Fn.fold_weights("conv", "producer", w, b, sc[start:end],
+                                         sh[start:end])
+                start = end
+            else:
+                w2, b2 = Fn.fold_weights(layer.kind, p.direction, w, b, sc, sh, layer.groups)
+            self.values[layer.weight.name] = _like(w2, w)
+            if layer.bias is not None:
+                self.values[layer.bias.name] = _like(b2, b)
+            else:
+                self._add_bias(layer, self.vm[layer.node], b2, w)
         # the BN goes: its readers read its input
         value = self.vm[s.value]
         source = self.vm[s.args["input"]]
@@ -667,11 +736,15 @@ def convert_program(ep: ExportedProgram, *, example_inputs: Any = None,
                                          trace="export")
             continue
         plans.append(p)
-        records[s.name] = SiteRecord(s.name, s.kind, Action.FOLDED,
-                                     target=planner.layer_name(p.layer),
-                                     detail=f"{p.direction}, {p.layer.kind}-bn" if
-                                     p.direction == "producer" else f"{p.direction}, "
-                                     f"bn-{p.layer.kind}", trace="export")
+        if p.parts:
+            target = ", ".join(planner.layer_name(x) for x in p.parts)
+            detail = "producer, cat-conv-bn"
+        else:
+            target = planner.layer_name(p.layer)
+            detail = (f"producer, {p.layer.kind}-bn" if p.direction == "producer"
+                      else f"consumer, bn-{p.layer.kind}")
+        records[s.name] = SiteRecord(s.name, s.kind, Action.FOLDED, target=target,
+                                     detail=detail, trace="export")
     _check_patterns(include, exclude, [s.name for s in planner.sites])
     if strict:
         bad = {r.name: r.reason for r in records.values() if r.action == Action.SKIPPED}

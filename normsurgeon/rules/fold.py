@@ -18,7 +18,7 @@ from ..report import Action, SiteRecord
 from ..tracing import path_problem, value_users
 from .base import BNSite, Context, Decision, Rule, Transform
 from .checks import bn_behaviour, hook_problem
-from .plan import FoldFacts, batched_problem, decide
+from .plan import FoldFacts, decide, decide_cat
 
 __all__ = ["FoldTransform", "FOLD_RULES"]
 
@@ -144,12 +144,6 @@ class _FoldRule(Rule):
         # the tensor whose layout matters: the layer's output, or the BN's
         node = m.layer_node if producer else site.node
 
-        def bn_sharing() -> str | None:
-            if site.module is None:
-                return None
-            problem = ctx.single_call_problem(site.module, "BatchNorm")
-            return None if problem and "parameters are shared" in problem else problem
-
         top = site._max_abs_s
         if top is None:
             s, _ = site.scale_shift()
@@ -167,7 +161,7 @@ class _FoldRule(Rule):
             layer=lambda: _standard_layer_problem(layer, self.layers),
             sharing=lambda: ctx.single_call_problem(layer, what),
             readers=lambda: ctx.other_readers_problem(site, [layer]),
-            bn_sharing=bn_sharing, bn_features=site.num_features,
+            bn_sharing=lambda: _bn_sharing(ctx, site), bn_features=site.num_features,
             channels=self.channels(layer), weight_rank=layer.weight.dim(),
             ranks=lambda: region.ranks(node),
             rank_checked_by_bn=type(site.module) in (nn.BatchNorm2d, nn.BatchNorm3d),
@@ -268,10 +262,13 @@ class BNConvTranspose(_FoldRule):
         return layer.in_channels
 
 
-def _cat_batched_problem(site: BNSite, layer: nn.Module, node: fx.Node) -> str | None:
-    return batched_problem(site.region.ranks(node), layer.weight.dim(),
-                           type(site.module) in (nn.BatchNorm2d, nn.BatchNorm3d),
-                           isinstance(site.module, nn.BatchNorm1d), type(layer).__name__)
+def _bn_sharing(ctx: Context, site: BNSite) -> str | None:
+    """The BN module is applied at another site (shared parameters alone are fine: the BN is
+    removed, its parameters are not changed)."""
+    if site.module is None:
+        return None
+    problem = ctx.single_call_problem(site.module, "BatchNorm")
+    return None if problem and "parameters are shared" in problem else problem
 
 
 @dataclass
@@ -313,36 +310,36 @@ class CatConvBN(Rule):
                             list(parts), cat)
 
     def check(self, ctx: Context, m: CatFoldMatch) -> str | None:
-        if value_users(m.cat_node) != [m.site.node]:
-            return "cat output has other users"
-        for layer, node, name in zip(m.layers, m.layer_nodes, m.layer_names):
+        """The planner's facts for each part (:func:`normsurgeon.rules.plan.decide_cat`)."""
+        site, region = m.site, m.site.region
+        s, t = site.scale_shift()
+        parts, start = [], 0
+        for i, (layer, node, name) in enumerate(zip(m.layers, m.layer_nodes, m.layer_names)):
             what = f"{type(layer).__name__} {name}"
-            if value_users(node) != [m.cat_node]:
-                return f"{what}'s output has other users"
-            problem = (_standard_layer_problem(layer, _CONVS)
-                       or ctx.single_call_problem(layer, what))
-            if problem:
-                return problem
-        problem = ctx.other_readers_problem(m.site, m.layers)
-        if problem:
-            return problem
-        if m.site.module is not None:
-            problem = ctx.single_call_problem(m.site.module, "BatchNorm")
-            if problem and "parameters are shared" not in problem:
-                return problem
-        problem = path_problem(m.site.region, m.layer_nodes, m.site.node) or next(
-            (p for p in (_cat_batched_problem(m.site, layer, node)
-                         for layer, node in zip(m.layers, m.layer_nodes)) if p), None)
-        if problem:
-            return problem
-        total = sum(layer.out_channels for layer in m.layers)
-        if total != m.site.num_features:
-            return f"BatchNorm has {m.site.num_features} features, the concatenation {total}"
-        if any(layer.weight.dtype in (torch.float16, torch.bfloat16) for layer in m.layers):
-            for layer, (w, b) in zip(m.layers, self._folded(m)):
-                if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
-                    return f"folded weights would overflow {layer.weight.dtype}"
-        return None
+            end = start + layer.out_channels
+            first = i == 0
+            parts.append(FoldFacts(
+                direction="producer", kind="conv", what=what, layer_type=type(layer).__name__,
+                chain=(lambda node=node, what=what: f"{what}'s output has other users"
+                       if value_users(node) != [m.cat_node] else None),
+                layer=lambda layer=layer: _standard_layer_problem(layer, _CONVS),
+                sharing=lambda layer=layer, what=what: ctx.single_call_problem(layer, what),
+                readers=(lambda: ctx.other_readers_problem(site, m.layers)) if first else None,
+                bn_sharing=(lambda: _bn_sharing(ctx, site)) if first else None,
+                path=(lambda: path_problem(region, m.layer_nodes, site.node)) if first
+                else None,
+                bn_features=end - start, channels=layer.out_channels,
+                weight_rank=layer.weight.dim(), ranks=lambda node=node: region.ranks(node),
+                rank_checked_by_bn=type(site.module) in (nn.BatchNorm2d, nn.BatchNorm3d),
+                bn_1d=isinstance(site.module, nn.BatchNorm1d),
+                risky=layer.weight.dtype in (torch.float16, torch.bfloat16),
+                folded=lambda layer=layer, a=start, b=end: Fn.fold_weights(
+                    "conv", "producer", layer.weight, layer.bias, s[a:b], t[a:b]),
+                weight_dtype=layer.weight.dtype))
+            start = end
+        return decide_cat(lambda: "cat output has other users"
+                          if value_users(m.cat_node) != [site.node] else None,
+                          parts, site.num_features)
 
     def _folded(self, m: CatFoldMatch, layers: list[nn.Module] | None = None
                 ) -> list[tuple[Tensor, Tensor]]:
@@ -350,8 +347,8 @@ class CatConvBN(Rule):
         out, start = [], 0
         for layer in layers or m.layers:
             end = start + layer.out_channels
-            out.append(Fn.fold_conv_bn(layer.weight, layer.bias, s[start:end], t[start:end],
-                                       like=layer.weight))
+            out.append(Fn.fold_weights("conv", "producer", layer.weight, layer.bias,
+                                       s[start:end], t[start:end]))
             start = end
         return out
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FoldFacts", "decide", "batched_problem", "two_dim_problem", "chain_problem"]
+__all__ = ["FoldFacts", "decide", "decide_cat", "batched_problem", "two_dim_problem",
+           "chain_problem"]
 
 Lazy = Any  # str | None, or a callable returning one
 
@@ -145,4 +146,37 @@ def decide(f: FoldFacts) -> str | None:
         f.result = w, b = f.folded()
         if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
             return f"folded weights would overflow {f.weight_dtype}"
+    return None
+
+
+def decide_cat(cat_chain: Lazy, parts: list[FoldFacts], bn_features: int) -> str | None:
+    """``cat(Conv_1, …, Conv_k; dim=1) → BN`` (MixConv, Inception): conv i takes BN channels
+    ``[c_i, c_i + Cout_i)``, then each part is a Conv → BN fold. ``parts`` hold one producer
+    fact set per conv (``readers``, ``bn_sharing`` and ``path`` on the first, for all);
+    ``cat_chain``: the concatenation has another reader."""
+    problem = _get(cat_chain)
+    if problem:
+        return problem
+    for f in parts:
+        problem = _get(f.chain) or _get(f.layer) or _get(f.sharing)
+        if problem:
+            return problem
+    first = parts[0]
+    problem = _get(first.readers) or _get(first.bn_sharing) or _get(first.path)
+    if problem:
+        return problem
+    for f in parts:
+        if not f.rank_checked_by_bn:
+            problem = batched_problem(_get(f.ranks), f.weight_rank, False, f.bn_1d,
+                                      f.layer_type)
+            if problem:
+                return problem
+    total = sum(f.channels for f in parts)
+    if total != bn_features:
+        return f"BatchNorm has {bn_features} features, the concatenation {total}"
+    for f in parts:
+        if f.risky and f.folded is not None:
+            f.result = w, b = f.folded()
+            if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+                return f"folded weights would overflow {f.weight_dtype}"
     return None
