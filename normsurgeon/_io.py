@@ -29,7 +29,8 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[str]
     the temporary file is removed and ``path`` is left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix + ".tmp",
+    ext = os.path.splitext(path)[1]  # writers that check the extension (.pt2) see theirs
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}{ext}",
                                dir=folder)
     os.close(fd)
     try:

@@ -41,13 +41,36 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
-    """Build ``package.module:callable`` or ``path/to/file.py:callable`` with a fixed seed."""
+def load_program(path: str) -> Any:
+    """A ``torch.export.save`` file (``.pt2``), or a UsageError saying what is wrong."""
     import torch
 
+    if not os.path.isfile(path):
+        raise UsageError(f"program file {path!r} does not exist")
+    try:
+        return torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - torch's loader fails in many ways
+        raise UsageError(f"cannot load {path!r} as a torch.export program "
+                         f"({_one_line(e, 120)}): write it with torch.export.save") from None
+
+
+def is_program(spec: str) -> bool:
+    return spec.endswith(".pt2")
+
+
+def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
+    """Build ``package.module:callable`` or ``path/to/file.py:callable`` with a fixed seed,
+    or load a ``.pt2`` program (``torch.export.save``)."""
+    import torch
+
+    if is_program(spec):
+        if weights:
+            raise UsageError("--weights applies to a Python model; a .pt2 program holds its "
+                             "own weights")
+        return load_program(spec)
     if ":" not in spec:
-        raise UsageError(f"MODEL {spec!r} must look like package.module:callable or "
-                         "path/to/file.py:callable")
+        raise UsageError(f"MODEL {spec!r} must look like package.module:callable, "
+                         "path/to/file.py:callable or a torch.export file model.pt2")
     where, _, attr = spec.rpartition(":")
     try:
         if where.endswith(".py") or os.sep in where:
@@ -190,9 +213,13 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
 
 def _example(model: Any, args: tuple[Any, ...]) -> None:
     """The model must accept the example inputs: a UsageError with its complaint otherwise."""
+    import torch
+
     from .errors import ConditionError
     from .onnx.export import check_example_inputs
 
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
     try:
         check_example_inputs(model, args, "--input-shape input")
     except (ConditionError, ValueError, TypeError) as e:
@@ -262,6 +289,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _example_args(args: argparse.Namespace) -> tuple[Any, ...]:
     import torch
 
+    if not args.input_shape and is_program(args.model):
+        ep = load_program(args.model)
+        if ep.example_inputs is not None and not ep.example_inputs[1]:
+            return tuple(ep.example_inputs[0])
+        raise UsageError(f"{args.model} holds no example inputs: pass --input-shape")
     if not args.input_shape:
         raise UsageError("--input-shape is required, e.g. --input-shape 1,3,224,224")
     shape = parse_shape(args.input_shape)
@@ -285,6 +317,16 @@ def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...], An
     example = _example_args(args)  # validates the options before the model is built
     model = load_model(args.model, args.weights, args.seed)
     _example(model, example[:1])
+    if is_program(args.model):
+        if args.to not in ("fold", "none"):
+            raise UsageError(f"--to {args.to}: a .pt2 program can only be folded (--to fold) or "
+                             "exported as it is (--to none); convert the Python model instead")
+        args.static_batch = _static_batch(model)
+        if args.to == "none":
+            return model.module(), example, None
+        folded, report = ns.convert_with_report(model, "fold", example_inputs=example,
+                                                **_selection(args))
+        return folded.module(), example, report
     if args.to == "none":
         return model, example, None
     torch.manual_seed(args.seed)
@@ -294,6 +336,21 @@ def _build_converted(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...], An
         raise UsageError("--to cbn replaced no BatchNorm (see `normsurgeon inspect --to cbn`): "
                          "the exported model would take a condition it never uses")
     return converted, example, report
+
+
+def _static_batch(ep: Any) -> bool:
+    """Whether a program fixes the batch size of its inputs (exported without a dynamic
+    batch dimension): then its ONNX file does too, and verification uses that batch only."""
+    import torch
+
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name != "USER_INPUT":
+            continue
+        node = next((n for n in ep.graph.nodes if n.name == spec.arg.name), None)
+        val = node.meta.get("val") if node is not None else None
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], int):
+            return True
+    return False
 
 
 def _providers(text: str | None) -> list[str] | None:
@@ -326,21 +383,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.output}: {e}") from None
     with progress("converting"):
         model, example, report = _build_converted(args)
+    static = getattr(args, "static_batch", False)
     with progress("exporting"):
         res = ns.export_onnx(model, example, args.output, custom_ops=not args.no_custom_ops,
-                             allow_specialized=args.allow_specialized)
+                             allow_specialized=args.allow_specialized, dynamic_batch=not static)
     ops_text = ", ".join(res.custom_ops) or "standard ops only"
     if report is not None:
         print(report.summary())
     print(f"wrote {res.path} ({ops_text}; opset {res.opset}; exporter {res.exporter}; "
           f"{res.seconds:.1f}s)")
-    left = [r for r in report.sites if r.action == "skipped"] if report is not None else []
-    if left:  # a partially converted file must not ship unnoticed
-        verb = "folded" if args.to == "fold" else "converted"
-        print(f"warning: {len(left)} BatchNorm site(s) were not {verb} and remain in the file: "
-              + "; ".join(f"{r.name}: {r.reason}" for r in left[:3])
-              + (f"; and {len(left) - 3} more (see `normsurgeon inspect`)" if len(left) > 3
-                 else ""), file=sys.stderr)
+    if report is not None:
+        _warn_left(report, "folded" if args.to == "fold" else "converted")
     if res.fallback_reason:
         print(f"note: torch.export could not capture the model ({res.fallback_reason})",
               file=sys.stderr)
@@ -348,9 +401,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"warning: the file holds only the example's branch of {len(res.specialized)} "
               f"value-dependent decision(s), e.g. {res.specialized[0]}", file=sys.stderr)
     if args.verify:
+        batches = [int(example[0].shape[0])] if static else None
         with progress("verifying on onnxruntime"):
             v = ns.verify_onnx(res.path, model, example, providers=providers,
-                               output_names=res.output_names)
+                               output_names=res.output_names, batch_sizes=batches)
         return _print_verification(v, providers)
     return EXIT_OK
 
@@ -365,7 +419,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         model, example, _ = _build_converted(args)
     with progress("verifying on onnxruntime"):
         try:
-            v = ns.verify_onnx(args.onnx_file, model, example, providers=providers)
+            v = ns.verify_onnx(args.onnx_file, model, example, providers=providers,
+                               batch_sizes=[int(example[0].shape[0])]
+                               if getattr(args, "static_batch", False) else None)
         except Exception as e:  # an unreadable or mismatched file is bad input
             if type(e).__name__ in ("InvalidGraph", "InvalidArgument", "Fail", "DecodeError",
                                     "NoSuchFile", "InvalidProtobuf"):
@@ -373,6 +429,76 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                  "it again with the same --model, --to and options") from None
             raise
     return _print_verification(v, providers)
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    """Fold the BatchNorms of a file (a ``.pt2`` program) into a new file."""
+    import torch
+
+    import normsurgeon as ns
+
+    from ._io import atomic_path
+    from .onnx.export import _check_writable
+
+    src, out = args.input, args.output
+    if not is_program(src):
+        kind = "an ONNX file" if src.endswith(".onnx") else f"{src!r}"
+        raise UsageError(f"fold takes a torch.export program (.pt2); {kind} is not supported "
+                         "yet. For a Python model use `normsurgeon export MODEL --to fold`")
+    if not out.endswith(".pt2"):
+        raise UsageError(f"-o {out}: a folded program is written as a .pt2 file")
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise UsageError("-o must differ from the input: the input file is never modified")
+    try:
+        _check_writable(out)
+    except ValueError as e:
+        raise UsageError(f"-o {out}: {e}") from None
+    ep = load_program(src)
+    example = None
+    if args.input_shape:
+        example = tuple(_random_input(parse_shape(t)) for t in args.input_shape)
+        _example(ep, example)
+    sel = _selection(args)
+    with progress("folding"):
+        folded, report = ns.convert_with_report(ep, "fold", example_inputs=example,
+                                                check=not args.no_check, **sel)
+    with atomic_path(out) as tmp:
+        torch.export.save(folded, tmp)
+    print(report.to_json(indent=2) if args.json else report.table())
+    print(f"wrote {out}")
+    _warn_left(report, "folded")
+    return EXIT_OK
+
+
+def _warn_left(report: Any, verb: str) -> None:
+    """A partially converted file must not ship unnoticed: name what was left and why."""
+    left = [r for r in report.sites if r.action == "skipped"]
+    if left:
+        print(f"warning: {len(left)} BatchNorm site(s) were not {verb} and remain in the file: "
+              + "; ".join(f"{r.name}: {r.reason}" for r in left[:3])
+              + (f"; and {len(left) - 3} more (see `normsurgeon inspect`)" if len(left) > 3
+                 else ""), file=sys.stderr)
+
+
+def _add_fold_command(sub: Any, choices: list[str]) -> None:
+    p = sub.add_parser(
+        "fold", help="fold the BatchNorms of a .pt2 program into a new file",
+        description="Fold every foldable BatchNorm of a torch.export program (.pt2, written by "
+                    "torch.export.save) and write a new program. Prints the report: what "
+                    "folded into what, and why anything was left. The result is checked "
+                    "against the input on its example inputs (or --input-shape) unless "
+                    "--no-check. The input file is never modified.",
+        epilog="example: normsurgeon fold resnet50.pt2 -o resnet50_folded.pt2")
+    p.add_argument("input", help="the .pt2 file (torch.export.save)")
+    p.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running both programs on the example inputs")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE",
+                   help="example input shape for the check, e.g. 1,3,224,224 (one per input; "
+                        "default: the program's own example inputs)")
+    _add_selection_args(p)
+    p.set_defaults(func=cmd_fold)
 
 
 def _add_export_commands(sub: Any, choices: list[str]) -> None:
@@ -399,11 +525,13 @@ def _add_export_commands(sub: Any, choices: list[str]) -> None:
                     "the bar; 1: a mismatch; 2: bad usage.")
     p.add_argument("onnx_file", help="the .onnx file written by `normsurgeon export`")
     p.add_argument("--model", required=True,
-                   help="package.module:callable or path/to/file.py:callable (as for export)")
+                   help="package.module:callable, path/to/file.py:callable or model.pt2 "
+                        "(as for export)")
     p.add_argument("--to", default="fold", choices=[*choices, "none"],
                    help="the transform the file was exported with (default: fold)")
-    p.add_argument("--input-shape", required=True,
-                   help="example input shape, e.g. 1,3,224,224 (its batch and one more run)")
+    p.add_argument("--input-shape",
+                   help="example input shape, e.g. 1,3,224,224 (its batch and one more run); "
+                        "required, except for a .pt2 program that holds example inputs")
     p.add_argument("--weights", help="the state_dict given to export, if any")
     p.add_argument("--seed", type=int, default=0, help="the --seed given to export (default 0)")
     p.add_argument("--cond-dim", type=int, help="CBN: the --cond-dim given to export")
@@ -426,7 +554,8 @@ def _add_selection_args(p: argparse.ArgumentParser, strict: bool = True) -> None
 
 # -- parser -----------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser, to_choices: Sequence[str]) -> None:
-    p.add_argument("model", help="package.module:callable or path/to/file.py:callable")
+    p.add_argument("model", help="package.module:callable, path/to/file.py:callable, or a "
+                                 "torch.export program file model.pt2")
     p.add_argument("--to", default="fold", choices=list(to_choices),
                    help="transform (default: fold)")
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
@@ -471,12 +600,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRA_COMMANDS: list[Callable[[Any, list[str]], None]] = [_add_export_commands]
+_EXTRA_COMMANDS: list[Callable[[Any, list[str]], None]] = [_add_export_commands,
+                                                            _add_fold_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the exit code is returned. Ctrl-C at any point (torch's import
     at start-up included) is exit 130 with one line."""
+    import warnings
+
+    # torch's own deprecation noise while loading .pt2 files is not the user's to fix
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     try:
         return _main(argv)
     except KeyboardInterrupt:

@@ -382,7 +382,11 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     """Temporarily put every module in eval mode (no running-stat updates), then restore each
     module's own flag."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # ExportedProgram.module() refuses eval(): set the flags
+        for m, _ in flags:
+            m.training = False
     try:
         yield
     finally:

@@ -279,3 +279,56 @@ def test_the_unlifted_module_points_to_the_program():
                  lambda: ns.convert(gm, example_inputs=torch.randn(2, 3, 6, 6))):
         with pytest.raises(TypeError, match=r"holds 2 ATen batch-norm op\(s\).*ns.convert\(ep\)"):
             call()
+
+
+# --- the command line -------------------------------------------------------------------------
+@pytest.fixture
+def program_file(tmp_path):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                       nn.ReLU(), nn.BatchNorm2d(8),
+                                       nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)), 0).eval()
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), path)
+    return path
+
+
+def test_cli_inspect_fold_export_verify_a_program(program_file, tmp_path, capsys):
+    from normsurgeon import cli
+
+    assert cli.main(["inspect", str(program_file)]) == 0
+    assert "2 folded, 1 skipped" in capsys.readouterr().out
+    out = tmp_path / "f.pt2"
+    before = program_file.read_bytes()
+    assert cli.main(["fold", str(program_file), "-o", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "2 folded, 1 skipped" in text.out and "warning: 1 BatchNorm site(s)" in text.err
+    assert program_file.read_bytes() == before  # the input file is never modified
+    folded = torch.export.load(str(out))
+    assert bn_ops(folded) == 1
+    onnx_path = tmp_path / "m.onnx"
+    assert cli.main(["export", str(program_file), "--to", "fold", "-o", str(onnx_path),
+                     "--verify", "--providers", "cpu"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert cli.main(["verify", str(onnx_path), "--model", str(program_file), "--to", "fold",
+                     "--providers", "cpu"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt2", "m.onnx", "m.pt2"]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["fold", "{p}", "-o", "{p}"], "must differ from the input"),
+    (["fold", "{d}/x.onnx", "-o", "{d}/y.onnx"], "not supported yet"),
+    (["fold", "{p}", "-o", "{d}/out.onnx"], "written as a .pt2 file"),
+    (["fold", "{d}/missing.pt2", "-o", "{d}/o.pt2"], "does not exist"),
+    (["fold", "{d}/bad.pt2", "-o", "{d}/o.pt2"], "cannot load"),
+    (["export", "{p}", "--to", "rbn", "-o", "{d}/r.onnx"], "can only be folded"),
+    (["inspect", "{p}", "--weights", "{d}/w.pt"], "holds its own weights"),
+])
+def test_cli_program_mistakes_exit_2_with_one_line(program_file, tmp_path, capsys, argv,
+                                                   words):
+    from normsurgeon import cli
+
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip")
+    argv = [a.format(p=program_file, d=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err

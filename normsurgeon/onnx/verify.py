@@ -260,8 +260,18 @@ def verify_onnx(
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
+        refs = []
         with torch.no_grad(), eval_mode(model):
-            refs = [_leaves(model(*c)) for c in cases]
+            for (family, _), c in zip(fams, cases):
+                try:
+                    refs.append(_leaves(model(*c)))
+                except Exception as e:  # the model's own complaint, in one line
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise ValueError(
+                        f"the model rejects input family {family!r} "
+                        f"({', '.join(str(tuple(a.shape)) for a in c if hasattr(a, 'shape'))})"
+                        f": {type(e).__name__}: {first[:160]}; pass batch_sizes= it "
+                        "accepts") from e
         noises, refs64 = _own_noise(model, cases, refs)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
