@@ -260,9 +260,15 @@ def _convert(model: nn.Module, to: str, example_inputs: Any, include: Any, exclu
         return _convert_program(model, to, example_inputs, include, exclude, inplace=inplace,
                                 strict=strict, leaf_modules=leaf_modules, options=options,
                                 dry_run=dry_run, check=check)
+    from .frontends.onnx_file import is_onnx
+
+    if is_onnx(model):
+        return _convert_onnx_model(model, to, example_inputs, include, exclude, inplace=inplace,
+                                   strict=strict, leaf_modules=leaf_modules, options=options,
+                                   dry_run=dry_run, check=check)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or a torch.export.ExportedProgram, "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"model must be a torch.nn.Module, a torch.export.ExportedProgram, an "
+                        f"onnx.ModelProto or a .onnx path, got {type(model).__name__}")
     from .frontends.exported import is_exported_graph_module
 
     n_aten = is_exported_graph_module(model)
@@ -409,6 +415,32 @@ def _convert_program(ep: Any, to: str, example_inputs: Any, include: Any, exclud
                                   include=_patterns(include, "include"),
                                   exclude=_patterns(exclude, "exclude"), strict=strict,
                                   check=check, dry_run=dry_run)
+    return ConversionResult(new, report)
+
+
+def _convert_onnx_model(model: Any, to: str, example_inputs: Any, include: Any, exclude: Any,
+                        *, inplace: bool, strict: bool, leaf_modules: Any,
+                        options: dict[str, Any], dry_run: bool, check: bool
+                        ) -> ConversionResult:
+    """``convert`` of an ONNX model (:mod:`normsurgeon.frontends.onnx_file`)."""
+    from .frontends.onnx_file import convert_onnx
+
+    get_transform(to)
+    accepted = {"input_shapes", "allow_overridable_initializers"}
+    unknown = sorted(set(options) - accepted)
+    if to != "fold":
+        raise TypeError(f"to={to!r} needs an nn.Module: an ONNX model is folded (to='fold')")
+    if inplace and not dry_run:
+        raise TypeError("inplace=True: an ONNX model is never modified; a new one is returned")
+    if leaf_modules:
+        raise TypeError("leaf_modules applies to nn.Module tracing, not to an ONNX model")
+    if unknown:
+        raise TypeError(f"an ONNX fold does not take {', '.join(unknown)}; it takes: "
+                        f"{', '.join(sorted(accepted))}")
+    new, report = convert_onnx(model, example_inputs=example_inputs,
+                               include=_patterns(include, "include"),
+                               exclude=_patterns(exclude, "exclude"), strict=strict,
+                               check=check, dry_run=dry_run, **options)
     return ConversionResult(new, report)
 
 

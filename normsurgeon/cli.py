@@ -441,22 +441,31 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .onnx.export import _check_writable
 
     src, out = args.input, args.output
-    if not is_program(src):
-        kind = "an ONNX file" if src.endswith(".onnx") else f"{src!r}"
-        raise UsageError(f"fold takes a torch.export program (.pt2); {kind} is not supported "
-                         "yet. For a Python model use `normsurgeon export MODEL --to fold`")
-    if not out.endswith(".pt2"):
-        raise UsageError(f"-o {out}: a folded program is written as a .pt2 file")
+    onnx_file = src.endswith(".onnx")
+    if not is_program(src) and not onnx_file:
+        raise UsageError(f"fold takes a torch.export program (.pt2) or an ONNX file (.onnx), "
+                         f"not {src!r}. For a Python model use `normsurgeon export MODEL --to "
+                         "fold`")
+    ext = ".onnx" if onnx_file else ".pt2"
+    if not out.endswith(ext):
+        raise UsageError(f"-o {out}: the folded {'model' if onnx_file else 'program'} is "
+                         f"written as a {ext} file")
     if os.path.abspath(src) == os.path.abspath(out):
         raise UsageError("-o must differ from the input: the input file is never modified")
     try:
         _check_writable(out)
     except ValueError as e:
         raise UsageError(f"-o {out}: {e}") from None
+    if onnx_file:
+        return _fold_onnx(args, src, out)
     ep = load_program(src)
     example = None
     if args.input_shape:
-        example = tuple(_random_input(parse_shape(t)) for t in args.input_shape)
+        named, ordered = _named_shapes(args.input_shape)
+        if named:
+            raise UsageError("--input-shape NAME=...: name the inputs of an ONNX file only; "
+                             "give a program's shapes in input order")
+        example = tuple(_random_input(t) for t in ordered)
         _example(ep, example)
     sel = _selection(args)
     with progress("folding"):
@@ -464,6 +473,56 @@ def cmd_fold(args: argparse.Namespace) -> int:
                                                 check=not args.no_check, **sel)
     with atomic_path(out) as tmp:
         torch.export.save(folded, tmp)
+    print(report.to_json(indent=2) if args.json else report.table())
+    print(f"wrote {out}")
+    _warn_left(report, "folded")
+    return EXIT_OK
+
+
+def _named_shapes(texts: list[str] | None) -> tuple[dict[str, tuple[int, ...]], list[Any]]:
+    """``--input-shape NAME=1,3,224,224`` (by name) or ``1,3,224,224`` (in input order)."""
+    named: dict[str, tuple[int, ...]] = {}
+    ordered: list[tuple[int, ...]] = []
+    for text in texts or []:
+        name, eq, shape = text.rpartition("=")
+        if eq and not name:
+            raise UsageError(f"malformed --input-shape {text!r}: use NAME=1,3,224,224")
+        if eq:
+            named[name] = parse_shape(shape)
+        else:
+            ordered.append(parse_shape(shape))
+    return named, ordered
+
+
+def _fold_onnx(args: argparse.Namespace, src: str, out: str) -> int:
+    import normsurgeon as ns
+
+    from .frontends.onnx_file import _uses_external_data, load_onnx, save_onnx
+
+    try:
+        model = load_onnx(src)
+    except FileNotFoundError:
+        raise UsageError(f"ONNX file {src!r} does not exist") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    named, ordered = _named_shapes(args.input_shape)
+    if ordered:
+        inits = {t.name for t in model.graph.initializer}
+        real = [i.name for i in model.graph.input if i.name not in inits]
+        if len(ordered) > len(real):
+            raise UsageError(f"{len(ordered)} --input-shape values for {len(real)} graph "
+                             f"input(s) ({', '.join(real)})")
+        named = {**dict(zip(real, ordered)), **named}
+    unknown = sorted(set(named) - {i.name for i in model.graph.input})
+    if unknown:
+        raise UsageError(f"--input-shape names {', '.join(unknown)}, which the model does not "
+                         f"take (inputs: {', '.join(i.name for i in model.graph.input)})")
+    sel = _selection(args)
+    with progress("folding"):
+        folded, report = ns.convert_with_report(
+            model, "fold", check=not args.no_check, input_shapes=named or None,
+            allow_overridable_initializers=args.allow_overridable_initializers, **sel)
+    save_onnx(folded, out, external=True if _uses_external_data(model) else None)
     print(report.to_json(indent=2) if args.json else report.table())
     print(f"wrote {out}")
     _warn_left(report, "folded")
@@ -482,21 +541,30 @@ def _warn_left(report: Any, verb: str) -> None:
 
 def _add_fold_command(sub: Any, choices: list[str]) -> None:
     p = sub.add_parser(
-        "fold", help="fold the BatchNorms of a .pt2 program into a new file",
+        "fold", help="fold the BatchNorms of a .pt2 program or an .onnx file into a new file",
         description="Fold every foldable BatchNorm of a torch.export program (.pt2, written by "
-                    "torch.export.save) and write a new program. Prints the report: what "
-                    "folded into what, and why anything was left. The result is checked "
-                    "against the input on its example inputs (or --input-shape) unless "
-                    "--no-check. The input file is never modified.",
-        epilog="example: normsurgeon fold resnet50.pt2 -o resnet50_folded.pt2")
-    p.add_argument("input", help="the .pt2 file (torch.export.save)")
-    p.add_argument("-o", "--output", required=True, help="the .pt2 file to write")
+                    "torch.export.save) or of an ONNX file, and write a new file of the same "
+                    "kind. Prints the report: what folded into what, and why anything was "
+                    "left. The result is checked against the input (the program on its example "
+                    "inputs; the ONNX file on onnxruntime CPU with graph optimisations off, "
+                    "random inputs, symbolic dimensions 1 unless --input-shape) unless "
+                    "--no-check. The input file is never modified; the output is written "
+                    "atomically (an ONNX model with external data keeps it, next to OUT).",
+        epilog="examples:\n  normsurgeon fold resnet50.pt2 -o resnet50_folded.pt2\n"
+               "  normsurgeon fold model.onnx -o folded.onnx --input-shape input=8,3,224,224",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="the .pt2 file (torch.export.save) or .onnx file")
+    p.add_argument("-o", "--output", required=True, help="the file to write (same kind)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-check", action="store_true",
-                   help="skip running both programs on the example inputs")
-    p.add_argument("--input-shape", action="append", metavar="SHAPE",
-                   help="example input shape for the check, e.g. 1,3,224,224 (one per input; "
-                        "default: the program's own example inputs)")
+                   help="skip running both models on the check inputs")
+    p.add_argument("--input-shape", action="append", metavar="[NAME=]SHAPE",
+                   help="input shape for the check, e.g. input=1,3,224,224 or 1,3,224,224 "
+                        "(repeatable, one per input; default: a program's own example "
+                        "inputs, an ONNX file's declared sizes with symbolic dims 1)")
+    p.add_argument("--allow-overridable-initializers", action="store_true",
+                   help="ONNX: also fold initializers that are listed as graph inputs (a "
+                        "runtime may feed other values for them; refused by default)")
     _add_selection_args(p)
     p.set_defaults(func=cmd_fold)
 
