@@ -216,3 +216,50 @@ def test_fuzz_exported_program_agrees_with_the_module_path(case):
     program_folded = {r.name for r in rep if r.action == "folded"}
     missed = (folded & in_program) - program_folded
     assert not missed, (recipe, missed, rep.table(), mrep.table())
+
+
+ONNX_EXAMPLES = max(6, EXAMPLES // 10)  # an export takes ~0.5 s
+
+
+@settings(max_examples=ONNX_EXAMPLES, deadline=None, derandomize=EXAMPLES <= 150,
+          suppress_health_check=list(HealthCheck), print_blob=True)
+@given(fuzz_models())
+def test_fuzz_onnx_file_agrees_with_the_module_path(tmp_path_factory, case):
+    """Every fp32 fuzz model exported with its BatchNormalization nodes kept is also folded as
+    an ONNX file: the file is untouched, the result exact on onnxruntime, and every site the
+    module path folds is folded in the file."""
+    onnx = pytest.importorskip("onnx")
+    import warnings
+
+    import numpy as np
+
+    model, recipe = case
+    if recipe["dtype"] != torch.float32:
+        return
+    x, _ = _inputs(recipe)
+    path = tmp_path_factory.mktemp("fuzz_onnx") / "m.onnx"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x.contiguous(),), path, dynamo=False,
+                              do_constant_folding=False,
+                              training=torch.onnx.TrainingMode.PRESERVE)
+    except Exception:  # noqa: BLE001 - torch cannot export it
+        return
+    before = path.read_bytes()
+    new, rep = ns.convert_with_report(str(path), example_inputs=x.contiguous())
+    assert path.read_bytes() == before
+    assert rep.max_rel_error is not None and rep.max_rel_error <= max(
+        1e-5, 4 * _noise(model, x)), (recipe, rep.table())
+    assert all(n.domain in ("", "ai.onnx") for n in new.graph.node)
+    del np, onnx
+
+    def module_name(node_name: str) -> str:  # "/blocks.0/bn/BatchNormalization" → blocks.0.bn
+        return ".".join(node_name.strip("/").split("/")[:-1])
+
+    _, mrep = ns.convert_with_report(model, example_inputs=x)
+    folded = {r.name for r in mrep if r.action == "folded"}
+    in_file = {module_name(r.name) for r in rep}
+    file_folded = {module_name(r.name) for r in rep if r.action == "folded"}
+    missed = (folded & in_file) - file_folded
+    assert not missed, (recipe, missed, rep.table(), mrep.table())

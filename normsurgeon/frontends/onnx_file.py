@@ -36,7 +36,7 @@ from .. import functional as Fn
 from ..errors import ConversionMismatchError, StrictModeError
 from ..report import Action, ConversionReport, SiteRecord
 from ..rules.base import BNSite, prime_scale_shift
-from ..rules.plan import FoldFacts, decide
+from ..rules.plan import FoldFacts, decide, decide_cat
 
 __all__ = ["convert_onnx", "load_onnx", "save_onnx", "is_onnx"]
 
@@ -259,6 +259,31 @@ class _Plan:
     site: _Site
     layer: _Layer
     direction: str
+    via: list[int] = field(default_factory=list)  # transparent nodes between, in data order
+    parts: list[_Layer] = field(default_factory=list)  # Concat(conv, ...) → BN
+    concat: int | None = None
+
+
+def _passes_through(g: _Graph, k: int | None) -> bool:
+    """Identity, inference Dropout, and Pad copying each channel's own values (reflect, edge,
+    wrap): a per-channel affine map commutes with them."""
+    if k is None:
+        return False
+    n = g.node(k)
+    if n.domain not in ("", "ai.onnx") or not n.input or not n.output[0]:
+        return False
+    if n.op_type == "Identity":
+        return True
+    if n.op_type == "Dropout":
+        training = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        flag = g.const(training) if training else np.array(False)
+        return flag is not None and not bool(flag) and not (len(n.output) > 1 and n.output[1])
+    if n.op_type == "Pad":
+        mode = _attrs(n).get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        axes = n.input[3] if len(n.input) > 3 and n.input[3] else None
+        return mode in ("reflect", "edge", "wrap") and axes is None
+    return False
 
 
 class _Planner:
@@ -311,34 +336,73 @@ class _Planner:
         return None
 
     def candidate(self, s: _Site, direction: str) -> _Plan | None:
-        n = self.g.node(s.index)
+        g, n = self.g, self.g.node(s.index)
+        via: list[int] = []
         if direction == "producer":
-            layer = _layer(self.g, self.g.producer.get(n.input[0]))
-            if layer is None or self.g.node(layer.index).output[0] != n.input[0]:
-                return None
-            return _Plan(s, layer, direction)
-        users = self.g.users.get(n.output[0], [])
-        layer = _layer(self.g, users[0]) if len(users) == 1 else None
-        if layer is None or layer.input != n.output[0]:
+            name = n.input[0]
+            k = g.producer.get(name)
+            while _passes_through(g, k):
+                via.insert(0, k)
+                name = g.node(k).input[0]
+                k = g.producer.get(name)
+            layer = _layer(g, k)
+            if layer is not None and g.node(layer.index).output[0] == name:
+                return _Plan(s, layer, direction, via)
+            return self._concat_candidate(s, k, name, via)
+        name = n.output[0]
+        users = g.users.get(name, [])
+        k = users[0] if len(users) == 1 else None
+        while _passes_through(g, k) and g.node(k).input[0] == name:
+            via.append(k)
+            name = g.node(k).output[0]
+            users = g.users.get(name, [])
+            k = users[0] if len(users) == 1 else None
+        layer = _layer(g, k)
+        if layer is None or layer.input != name:
             return None
-        return _Plan(s, layer, direction)
+        return _Plan(s, layer, direction, via)
+
+    def _concat_candidate(self, s: _Site, k: int | None, name: str, via: list[int]
+                          ) -> _Plan | None:
+        """``Concat(axis=1)`` of Conv outputs → BN (MixConv, Inception)."""
+        g = self.g
+        if k is None:
+            return None
+        n = g.node(k)
+        if n.op_type != "Concat" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            return None
+        axis = int(_attrs(n).get("axis", 0))
+        rank = g.ranks.get(name)
+        if not (axis == 1 or (rank is not None and axis == 1 - rank)):
+            return None
+        parts = [_layer(g, g.producer.get(i)) for i in n.input]
+        if any(x is None or x.kind != "conv" or g.node(x.index).output[0] != i
+               for x, i in zip(parts, n.input)):
+            return None
+        return _Plan(s, parts[0], "producer", via, parts=parts, concat=k)  # type: ignore
 
     def facts(self, p: _Plan) -> FoldFacts:
         g, s, layer = self.g, p.site, p.layer
         assert s.stats is not None
-        bn = g.node(s.index)
         ln = g.node(layer.index)
         producer = p.direction == "producer"
         what = f"{layer.op} {ln.name or ln.output[0]}"
         w = g.const(layer.weight)
-        between = bn.input[0] if producer else bn.output[0]
-        nxt = s.index if producer else layer.index
+        # each tensor of the chain and the one node that may read it
+        if producer:
+            nodes = [layer.index, *p.via, s.index]
+        else:
+            nodes = [s.index, *p.via, layer.index]
+        links = [(g.node(a).output[0], b) for a, b in zip(nodes, nodes[1:])]
 
         def chain() -> str | None:
-            others = [g.node(k).name or g.node(k).op_type for k in g.users.get(between, [])
-                      if k != nxt] + (["graph output"] if between in g.outputs else [])
-            return (f"{what if producer else 'BatchNorm'}'s output has other users "
-                    f"({', '.join(others)})") if others else None
+            for i, (tensor, nxt) in enumerate(links):
+                others = [g.node(k).name or g.node(k).op_type for k in g.users.get(tensor, [])
+                          if k != nxt] + (["graph output"] if tensor in g.outputs else [])
+                if others:
+                    label = (what if producer else "BatchNorm") if i == 0 else tensor
+                    return f"{label}'s output has other users ({', '.join(others)})"
+            return None
 
         def layer_problem() -> str | None:
             if w is None:
@@ -426,13 +490,60 @@ class _Planner:
         w2 = Fn.cast_like(w64 if trans_b else w64.t().contiguous(), w)
         return w2, b64.to(b_dtype)
 
+    def _decide_concat(self, p: _Plan) -> str | None:
+        g, s = self.g, p.site
+        assert s.stats is not None and p.concat is not None
+        facts, start = [], 0
+        for i, layer in enumerate(p.parts):
+            f = self.facts(_Plan(s, layer, "producer"))
+            w = g.const(layer.weight)
+            end = start + (int(w.shape[0]) if w is not None else 0)
+            out = g.node(layer.index).output[0]
+            what = f.what
+            f.chain = (lambda out=out, what=what: f"{what}'s output has other users"
+                       if g.users.get(out) != [p.concat] or out in g.outputs else None)
+            f.bn_features = end - start
+            f.folded = lambda i=i: self.folded_parts(p)[i]
+            facts.append(f)
+            start = end
+        chain_nodes = [p.concat, *p.via, s.index]
+
+        def cat_chain() -> str | None:
+            for a, b in zip(chain_nodes, chain_nodes[1:]):
+                t = g.node(a).output[0]
+                if g.users.get(t) != [b] or t in g.outputs:
+                    return "cat output has other users"
+            return None
+
+        return decide_cat(cat_chain, facts, s.stats.num_features)
+
+    def folded_parts(self, p: _Plan, current: dict[int, Any] | None = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(W', b') of each conv of a Concat → BN: conv i takes its slice of the BN."""
+        g = self.g
+        assert p.site.stats is not None
+        sc, sh = p.site.stats.scale_shift()
+        out, start = [], 0
+        for layer in p.parts:
+            if current and layer.index in current:
+                w, b = current[layer.index]
+            else:
+                w = torch.from_numpy(np.array(g.const(layer.weight), copy=True))
+                b_np = g.const(layer.bias) if layer.bias is not None else None
+                b = torch.from_numpy(np.array(b_np, copy=True)) if b_np is not None else None
+            end = start + int(w.shape[0])
+            w2, b2 = Fn.fold_weights("conv", "producer", w, b, sc[start:end], sh[start:end])
+            out.append((w2, b2.to(b.dtype if b is not None else w.dtype)))
+            start = end
+        return out
+
     def plan(self, s: _Site) -> tuple[_Plan | None, str]:
         reasons: dict[str, str] = {}
         for direction in ("producer", "consumer"):
             p = self.candidate(s, direction)
             if p is None:
                 continue
-            why = decide(self.facts(p))
+            why = self._decide_concat(p) if p.parts else decide(self.facts(p))
             if why is None:
                 return p, ""
             reasons.setdefault(direction, why)
@@ -475,7 +586,6 @@ def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
     inits = {t.name: t for t in graph.initializer}
     taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     drop: set[int] = set()
-    written: dict[str, int] = {}  # initializer name -> how many folds wrote it
 
     def fresh(base: str) -> str:
         name, k = base, 1
@@ -501,32 +611,39 @@ def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
 
     current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers folded once already
     for p in plans:
-        layer = p.layer
-        node = graph.node[layer.index]
-        w2, b2 = planner.folded(p, current.get(layer.index))
-        current[layer.index] = (w2, b2)
-        node.input[1] = put(layer.weight, w2, layer.index, layer.weight)
-        bias_base = layer.bias or f"{layer.weight}_bias"
-        b_name = put(layer.bias, b2, layer.index, bias_base)
-        if len(node.input) > 2:
-            node.input[2] = b_name
+        if p.parts:
+            results = list(zip(p.parts, planner.folded_parts(p, current)))
         else:
-            node.input.append(b_name)
-        if layer.kind == "linear":  # the bias now holds beta·C: beta = 1
-            for a in node.attribute:
-                if a.name == "beta":
-                    a.f = 1.0
+            results = [(p.layer, planner.folded(p, current.get(p.layer.index)))]
+        for layer, (w2, b2) in results:
+            node = graph.node[layer.index]
+            current[layer.index] = (w2, b2)
+            node.input[1] = put(layer.weight, w2, layer.index, layer.weight)
+            bias_base = layer.bias or f"{layer.weight}_bias"
+            b_name = put(layer.bias, b2, layer.index, bias_base)
+            if len(node.input) > 2:
+                node.input[2] = b_name
+            else:
+                node.input.append(b_name)
+            if layer.kind == "linear":  # the bias now holds beta·C: beta = 1
+                for a in node.attribute:
+                    if a.name == "beta":
+                        a.f = 1.0
         bn = graph.node[p.site.index]
         if p.direction == "producer":
-            node.output[0] = bn.output[0]  # the producer takes the BN's output name
+            # the node feeding the BN (the layer, a transparent node, the Concat) takes the
+            # BN's output name: graph output names stay
+            feeder = p.via[-1] if p.via else (p.concat if p.parts else p.layer.index)
+            graph.node[feeder].output[0] = bn.output[0]
         else:
-            node.input[0] = bn.input[0]
+            reader = p.via[0] if p.via else p.layer.index
+            graph.node[reader].input[0] = bn.input[0]
         drop.add(p.site.index)
-        written[node.input[1]] = written.get(node.input[1], 0) + 1
     keep = [n for k, n in enumerate(graph.node) if k not in drop]
     # nodes that only computed the weights and biases the folds replaced (the dynamo
     # exporter's zero bias Shape → Expand → CastLike) are dead now: remove them, and only them
-    replaced = {p.layer.weight for p in plans} | {p.layer.bias for p in plans if p.layer.bias}
+    layers = [x for p in plans for x in (p.parts or [p.layer])]
+    replaced = {x.weight for x in layers} | {x.bias for x in layers if x.bias}
     while replaced:
         read = {i for n in keep for i in n.input} | {o.name for o in graph.output}
         for n in keep:
@@ -593,12 +710,13 @@ def convert_onnx(model: Any, *, example_inputs: Any = None, include: list[str] |
                                          reason=why, trace="onnx")
             continue
         plans.append(p)
-        ln = planner.g.node(p.layer.index)
+        targets = [planner.g.node(x.index) for x in (p.parts or [p.layer])]
         kind = {"conv": "conv", "convtranspose": "convtranspose", "linear": "gemm"}[p.layer.kind]
         records[s.name] = SiteRecord(
-            s.name, "BatchNormalization", Action.FOLDED, target=ln.name or ln.output[0],
-            detail=f"producer, {kind}-bn" if p.direction == "producer"
-            else f"consumer, bn-{kind}", trace="onnx")
+            s.name, "BatchNormalization", Action.FOLDED,
+            target=", ".join(n.name or n.output[0] for n in targets),
+            detail="producer, cat-conv-bn" if p.parts else f"producer, {kind}-bn"
+            if p.direction == "producer" else f"consumer, bn-{kind}", trace="onnx")
     for name, why in planner.nested:
         order.append(name)
         records[name] = SiteRecord(name, "BatchNormalization", Action.SKIPPED, reason=why,
