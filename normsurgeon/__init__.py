@@ -46,8 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .report import Action, ConversionReport, SiteRecord
 
 
-_SUBMODULES = frozenset({"api", "cli", "errors", "functional", "layers", "onnx", "report",
-                         "rules", "testing", "tracing"})
+_SUBMODULES = frozenset({"api", "cli", "errors", "frontends", "functional", "layers", "onnx",
+                         "report", "rules", "testing", "tracing"})
 
 
 def __getattr__(name: str) -> Any:
@@ -81,6 +81,14 @@ def export_onnx(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     return impl(*args, **kwargs)
 
 
+def save_onnx(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    """See :func:`normsurgeon.frontends.onnx_file.save_onnx`: write a (folded) ModelProto
+    atomically, with external data next to it when the model is over 2 GB or ``external``."""
+    from .frontends.onnx_file import save_onnx as impl
+
+    return impl(*args, **kwargs)
+
+
 def verify_onnx(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
     """See :func:`normsurgeon.onnx.verify.verify_onnx` (imported lazily: needs onnxruntime)."""
     from .onnx.verify import verify_onnx as impl
@@ -97,6 +105,7 @@ __all__ = [
     "available_transforms",
     "export_onnx",
     "verify_onnx",
+    "save_onnx",
     "ConversionResult",
     "ConditionalBatchNorm1d",
     "ConditionalBatchNorm2d",
