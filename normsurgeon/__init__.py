@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
                      "ConditionalBatchNorm3d", "RepresentativeBatchNorm2d", "convert_sync",
                      "param_groups"), "layers"),
     **dict.fromkeys(("Action", "ConversionReport", "SiteRecord"), "report"),
+    **dict.fromkeys(("recalibrate", "recalibrate_with_report"), "recalibration"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
@@ -43,11 +44,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         convert_sync,
         param_groups,
     )
+    from .recalibration import recalibrate, recalibrate_with_report
     from .report import Action, ConversionReport, SiteRecord
 
 
 _SUBMODULES = frozenset({"api", "cli", "errors", "frontends", "functional", "layers", "onnx",
-                         "report", "rules", "testing", "tracing"})
+                         "recalibration", "report", "rules", "testing", "tracing"})
 
 
 def __getattr__(name: str) -> Any:
@@ -106,6 +108,8 @@ __all__ = [
     "export_onnx",
     "verify_onnx",
     "save_onnx",
+    "recalibrate",
+    "recalibrate_with_report",
     "ConversionResult",
     "ConditionalBatchNorm1d",
     "ConditionalBatchNorm2d",

@@ -339,3 +339,33 @@ def fold_weights(kind: str, direction: str, weight: Tensor, bias: Tensor | None,
     else:
         raise ValueError(f"no exact fold of BatchNorm before a {kind}")
     return cast_like(w, weight), b.to(weight.dtype)
+
+
+def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    r"""``(n, mean, M2)`` per channel (axis 1) of ``x`` in float64: ``n`` values per channel
+    (N·spatial), their mean, and ``M2 = Σ(x − mean)²`` by two passes (never ``E[x²] − m²``)."""
+    c = x.shape[1] if x.dim() > 1 else x.shape[0]
+    x64 = x.detach().to(torch.float64)
+    flat = x64.transpose(0, 1).reshape(c, -1) if x.dim() > 1 else x64.reshape(c, 1)
+    n = flat.shape[1]
+    if n == 0:
+        z = torch.zeros(c, dtype=torch.float64, device=x.device)
+        return 0, z, z.clone()
+    mean = flat.mean(1)
+    m2 = (flat - mean[:, None]).pow(2).sum(1)
+    return n, mean, m2
+
+
+def merge_moments(a: tuple[int, Tensor, Tensor], b: tuple[int, Tensor, Tensor]
+                  ) -> tuple[int, Tensor, Tensor]:
+    r"""Chan et al.'s parallel merge of two ``(n, mean, M2)``: ``n = n_a + n_b``,
+    ``δ = m_b − m_a``, ``m = m_a + δ·n_b/n``, ``M2 = M2_a + M2_b + δ²·n_a·n_b/n``."""
+    na, ma, qa = a
+    nb, mb, qb = b
+    if na == 0:
+        return b
+    if nb == 0:
+        return a
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), qa + qb + delta.pow(2) * (na * nb / n)

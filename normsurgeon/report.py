@@ -16,6 +16,7 @@ class Action:
 
     FOLDED = "folded"
     REPLACED = "replaced"
+    RECALIBRATED = "recalibrated"
     SKIPPED = "skipped"
     EXCLUDED = "excluded"
 
@@ -36,10 +37,12 @@ class SiteRecord:
     detail: str = ""
     reason: str = ""
     trace: str = ""
+    samples: int | None = None  # recalibration: values seen per channel
+    moved: float | None = None  # recalibration: max |Δ running_mean| in old standard deviations
 
     @property
     def changed(self) -> bool:
-        return self.action in (Action.FOLDED, Action.REPLACED)
+        return self.action in (Action.FOLDED, Action.REPLACED, Action.RECALIBRATED)
 
 
 @dataclass
@@ -97,8 +100,8 @@ class ConversionReport:
     def summary(self) -> str:
         c = self.counts
         parts = [f"{len(self.sites)} BatchNorm site(s)"]
-        parts += [f"{c[a]} {a}" for a in (Action.FOLDED, Action.REPLACED, Action.SKIPPED,
-                                           Action.EXCLUDED) if c.get(a)]
+        parts += [f"{c[a]} {a}" for a in (Action.FOLDED, Action.REPLACED, Action.RECALIBRATED,
+                                           Action.SKIPPED, Action.EXCLUDED) if c.get(a)]
         text = f"[{self.transform}{', dry run' if self.dry_run else ''}] " + ", ".join(parts)
         if self.max_rel_error is not None:
             text += f"; max rel error vs original {self.max_rel_error:.2e}"

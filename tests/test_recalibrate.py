@@ -1,0 +1,218 @@
+"""Recalibration (docs/recalibrate.md): the pooling math, the default and exact modes, every
+layer kind, batches of every shape, the input model untouched, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import normsurgeon as ns
+from normsurgeon.functional import channel_moments, merge_moments
+from normsurgeon.testing import model_fingerprint
+
+from .conftest import randomize_bn
+
+
+# --- the pooling math ----------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 7), min_size=1, max_size=6), st.integers(1, 4),
+       st.floats(-1e4, 1e4), st.floats(1e-3, 1e2), st.integers(0, 1000))
+def test_merged_moments_equal_the_whole_datas_in_any_split(sizes, c, offset, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n, c, 3, generator=g, dtype=torch.float64) * scale + offset
+             for n in sizes]
+    merged = None
+    for p in parts:
+        m = channel_moments(p)
+        merged = m if merged is None else merge_moments(merged, m)
+    n, mean, m2 = merged
+    whole = torch.cat(parts).transpose(0, 1).reshape(c, -1)
+    assert n == whole.shape[1]
+    torch.testing.assert_close(mean, whole.mean(1), rtol=1e-12, atol=1e-9 * (1 + abs(offset)))
+    if n > 1:
+        torch.testing.assert_close(m2 / (n - 1), whole.var(1), rtol=1e-9,
+                                   atol=1e-12 * scale * scale)
+
+
+def test_moments_are_stable_far_from_zero():
+    x = torch.randn(64, 3, 5, dtype=torch.float32) + 3000.0
+    n, mean, m2 = channel_moments(x)
+    ref = x.double().transpose(0, 1).reshape(3, -1).var(1)
+    torch.testing.assert_close(m2 / (n - 1), ref, rtol=1e-9, atol=0)
+
+
+# --- models ------------------------------------------------------------------------------------
+def net() -> nn.Module:
+    return randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+        nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5)), 0).eval()
+
+
+def batches(sizes=(8, 8, 5), seed=0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, 3, 9, 9, generator=g) * 2 + 1 for b in sizes]
+
+
+def first_layer_truth(model: nn.Module, data: list[torch.Tensor]) -> tuple:
+    with torch.no_grad():
+        h = model[0](torch.cat(data)).double()
+    return h.mean((0, 2, 3)), h.var((0, 2, 3))
+
+
+def test_default_mode_first_layer_is_the_pooled_statistics_regardless_of_batching():
+    model = net()
+    before = model_fingerprint(model)
+    data = batches()
+    mean, var = first_layer_truth(model, data)
+    results = []
+    for split in (data, [torch.cat(data)], list(torch.cat(data).split(3)),
+                  list(reversed(data))):
+        out, rep = ns.recalibrate_with_report(model, split)
+        torch.testing.assert_close(out[1].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out[1].running_var.double(), var, rtol=1e-5, atol=1e-6)
+        assert rep.counts == {"recalibrated": 3} and rep.sites[0].samples == 21 * 49
+        assert int(out[1].num_batches_tracked) == len(split)
+        results.append(out)
+    assert model_fingerprint(model) == before  # never touched
+    assert all(not m.training for m in results[0].modules())  # flags restored (eval)
+
+
+def test_default_mode_keeps_dropout_off_unlike_update_bn():
+    from torch.optim.swa_utils import update_bn
+
+    model = net()
+    data = batches()
+    ours = ns.recalibrate(model, data)
+    theirs = copy.deepcopy(model)
+    update_bn(data, theirs)
+    # the BN after Dropout: ours sees the eval-mode (no Dropout) activations
+    ref = ns.recalibrate(model, data, exact=True)
+    gap_ours = float((ours[5].running_var - ref[5].running_var).abs().max()
+                     / ref[5].running_var.abs().max())
+    gap_theirs = float((theirs[5].running_var - ref[5].running_var).abs().max()
+                       / ref[5].running_var.abs().max())
+    assert gap_theirs > 10 * max(gap_ours, 1e-3), (gap_ours, gap_theirs)
+
+
+def test_exact_mode_is_the_fixed_point_in_float64():
+    model = net().double()
+    data = [b.double() for b in batches()]
+    out = ns.recalibrate(model, data, exact=True)
+    with torch.no_grad():  # the fixed point, layer by layer, on the whole data
+        x = torch.cat(data)
+        h1 = out[0](x)
+        h2 = out[4](out[3](out[2](out[1](h1))))
+        h3 = out[9](out[8](out[7](out[6](out[5](h2)))))
+    for bn, h, dims in ((out[1], h1, (0, 2, 3)), (out[5], h2, (0, 2, 3)), (out[10], h3, (0,))):
+        torch.testing.assert_close(bn.running_mean, h.mean(dims), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(bn.running_var, h.var(dims), rtol=1e-6, atol=1e-9)
+    again = ns.recalibrate(model, list(reversed([torch.cat(data)[i::3] for i in range(3)])),
+                           exact=True)
+    for a, b in zip(out.buffers(), again.buffers()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_untraceable_models_get_one_layer_per_pass_in_exact_mode():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if float(x.mean()) > -1e9:  # untraceable
+                return self.body(x)
+            return x
+
+    model = Branchy().double()
+    data = [b.double() for b in batches()]
+    out = ns.recalibrate(model, data, exact=True)
+    ref = ns.recalibrate(model.body, data, exact=True)
+    for a, b in zip(out.body.buffers(), ref.buffers()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b)
+
+
+def test_batch_forms_tuple_dict_forward_and_num_batches():
+    model = net()
+    data = batches()
+    plain = ns.recalibrate(model, data)
+    tuples = ns.recalibrate(model, [(b, torch.zeros(len(b))) for b in data])
+    gen = ns.recalibrate(model, (b for b in data))
+
+    class Kw(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.inner(image)
+
+    dicts = ns.recalibrate(Kw(model), [{"image": b} for b in data]).inner
+    custom = ns.recalibrate(model, [{"x": b} for b in data], forward=lambda m, b: m(b["x"]))
+    for other in (tuples, gen, dicts, custom):
+        torch.testing.assert_close(other[1].running_var, plain[1].running_var)
+    capped = ns.recalibrate(model, data, num_batches=1)
+    one = ns.recalibrate(model, data[:1])
+    torch.testing.assert_close(capped[1].running_var, one[1].running_var)
+
+
+def test_normsurgeon_layers_are_recalibrated_with_their_own_statistics():
+    base = net()
+    cbn = ns.convert(base, "cbn", cond_dim=4)
+    data = [(b, torch.randn(len(b), 4)) for b in batches()]
+    out, rep = ns.recalibrate_with_report(cbn, data, forward=lambda m, b: m(*b))
+    assert rep.counts.get("recalibrated") == 3
+    mean, var = first_layer_truth(base, [b for b, _ in data])
+    layer = dict(out.named_modules())[rep.sites[0].name]
+    torch.testing.assert_close(layer.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    rbn = ns.convert(base, "rbn")
+    with torch.no_grad():
+        for m in rbn.modules():
+            if isinstance(m, ns.RepresentativeBatchNorm2d):
+                m.centering_weight.fill_(0.5)
+    out = ns.recalibrate(rbn, batches())
+    first = next(m for m in out.modules() if isinstance(m, ns.RepresentativeBatchNorm2d))
+    with torch.no_grad():
+        h = base[0](torch.cat(batches())).double()
+        h = h + 0.5 * h.mean((2, 3), keepdim=True)  # the centred input its forward uses
+    torch.testing.assert_close(first.running_var.double(), h.var((0, 2, 3)), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_layers_without_statistics_are_skipped_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    rep = ns.recalibrate_with_report(model, batches())[1]
+    assert [r.action for r in rep] == ["skipped", "recalibrated"]
+    assert "track_running_stats=False" in rep.sites[0].reason
+
+
+def test_clear_errors():
+    model = net()
+    with pytest.raises(ValueError, match="no batch"):
+        ns.recalibrate(model, [])
+    with pytest.raises(ValueError, match=r"batch 1: the model rejects it"):
+        ns.recalibrate(model, [batches()[0], torch.randn(2, 5, 9, 9)])
+    with pytest.raises(ValueError, match="matches no BatchNorm"):
+        ns.recalibrate(model, batches(), include="nothing*")
+    with pytest.raises(ValueError, match="iterated again"):
+        ns.recalibrate(model, (b for b in batches()), exact=True)
+    with pytest.raises(TypeError, match="iterable of batches"):
+        ns.recalibrate(model, torch.randn(4, 3, 9, 9))
+    assert not any(m.training for m in model.modules())
+
+
+def test_inplace_and_no_autograd_graph():
+    model = net()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out = ns.recalibrate(model, batches(), inplace=True)
+    assert out is model
+    assert all(p.grad is None for p in model.parameters())
