@@ -569,6 +569,105 @@ def _add_fold_command(sub: Any, choices: list[str]) -> None:
     p.set_defaults(func=cmd_fold)
 
 
+def _read_calibration(path: str) -> Any:
+    """The calibration inputs: a tensor from ``.pt`` (read with ``weights_only=True``; a
+    tuple/list ``(x, y)`` gives ``x``), ``.npy``, or ``.npz`` (the array ``x``, else the first)."""
+    import numpy as np
+    import torch
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--data {path!r} does not exist")
+    try:
+        if path.endswith(".npy"):
+            data = np.load(path, allow_pickle=False)
+        elif path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                if not z.files:
+                    raise UsageError(f"--data {path!r} holds no array")
+                data = z["x"] if "x" in z.files else z[z.files[0]]
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy and torch fail in many ways
+        raise UsageError(f"cannot read --data {path!r} ({_one_line(e, 120)}): give a tensor "
+                         "saved with torch.save, a .npy or a .npz file") from None
+    if isinstance(data, (tuple, list)) and data:
+        data = data[0]
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    if not isinstance(data, torch.Tensor) or data.dim() == 0 or not len(data):
+        raise UsageError(f"--data {path!r} must hold a non-empty tensor of inputs (N, ...), "
+                         f"got {type(data).__name__}")
+    if not data.is_floating_point():
+        data = data.float()
+    return data
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    import normsurgeon as ns
+
+    from ._io import atomic_path
+    from .onnx.export import _check_writable
+
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.num_batches is not None and args.num_batches <= 0:
+        raise UsageError(f"--num-batches must be a positive integer, got {args.num_batches}")
+    try:
+        _check_writable(args.output)
+    except ValueError as e:
+        raise UsageError(f"-o {args.output}: {e}") from None
+    if is_program(args.model):
+        raise UsageError("recalibrate needs a Python model (package.module:callable); a .pt2 "
+                         "program's statistics are constants of its graph")
+    data = _read_calibration(args.data)
+    model = load_model(args.model, args.weights, args.seed)
+    batches = list(data.split(args.batch_size))
+    _example(model, (batches[0],))
+    out, report = ns.recalibrate_with_report(model, batches, num_batches=args.num_batches,
+                                             exact=args.exact)
+    with atomic_path(args.output) as tmp:
+        torch.save(out.state_dict(), tmp)
+    print(report.to_json(indent=2) if args.json else report.table())
+    done = [r for r in report.sites if r.action == "recalibrated"]
+    if done:
+        top = max(done, key=lambda r: r.moved or 0.0)
+        print(f"{len(done)} layer(s) recalibrated on {min(r.samples or 0 for r in done)}+ "
+              f"values per channel; the running mean moved up to {top.moved:.3g} standard "
+              f"deviations ({top.name}); wrote {args.output}")
+    else:
+        print(f"no layer recalibrated; wrote {args.output}")
+    return EXIT_OK
+
+
+def _add_recalibrate_command(sub: Any, choices: list[str]) -> None:
+    p = sub.add_parser(
+        "recalibrate", help="re-estimate BatchNorm statistics on data, write the state_dict",
+        description="Re-estimate the running statistics of every normalization layer "
+                    "(BatchNorm, SyncBatchNorm, normsurgeon's CBN and RBN) on calibration "
+                    "inputs, and write the recalibrated state_dict. Default: one pass, the "
+                    "layers normalizing with batch statistics and everything else in eval "
+                    "mode; --exact: the fixed point, one pass per normalization depth. "
+                    "Statistics are pooled over all the data (not averaged per batch).",
+        epilog="example: normsurgeon recalibrate mynet.py:build --weights pruned.pt "
+               "--data calib.npy --batch-size 64 -o recalibrated.pt")
+    p.add_argument("model", help="package.module:callable or path/to/file.py:callable")
+    p.add_argument("--data", required=True,
+                   help="calibration inputs (N, ...): a torch.save tensor (.pt), .npy or .npz")
+    p.add_argument("-o", "--output", required=True, help="the state_dict file to write (.pt)")
+    p.add_argument("--weights", help="a state_dict file to load into the model first")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--num-batches", type=int, help="use at most this many batches")
+    p.add_argument("--exact", action="store_true",
+                   help="the fixed point: one pass per normalization depth")
+    p.add_argument("--seed", type=int, default=0, help="seed for building the model (default 0)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_recalibrate)
+
+
 def _add_export_commands(sub: Any, choices: list[str]) -> None:
     p = sub.add_parser("export", help="convert, export to ONNX, optionally verify")
     _add_model_args(p, [*choices, "none"])
@@ -669,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTRA_COMMANDS: list[Callable[[Any, list[str]], None]] = [_add_export_commands,
+                                                            _add_recalibrate_command,
                                                             _add_fold_command]
 
 

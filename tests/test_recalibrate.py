@@ -216,3 +216,49 @@ def test_inplace_and_no_autograd_graph():
     out = ns.recalibrate(model, batches(), inplace=True)
     assert out is model
     assert all(p.grad is None for p in model.parameters())
+
+
+# --- the command line ----------------------------------------------------------------------------
+FACTORY = '''
+import torch
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)).eval()
+'''
+
+
+def test_cli_recalibrate(tmp_path, capsys):
+    import numpy as np
+
+    from normsurgeon import cli
+
+    f = tmp_path / "net.py"
+    f.write_text(FACTORY)
+    x = np.random.default_rng(0).standard_normal((40, 3, 9, 9)).astype(np.float32) * 2 + 1
+    np.save(tmp_path / "calib.npy", x)
+    out = tmp_path / "re.pt"
+    assert cli.main(["recalibrate", f"{f}:build", "--data", str(tmp_path / "calib.npy"),
+                     "--batch-size", "16", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 layer(s) recalibrated" in text and f"wrote {out}" in text
+    state = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    model = cli.load_model(f"{f}:build")
+    with torch.no_grad():
+        h = model[0](torch.from_numpy(x)).double()
+    torch.testing.assert_close(state["1.running_var"].double(), h.var((0, 2, 3)), rtol=1e-5,
+                               atol=1e-6)
+    torch.save(torch.from_numpy(x), tmp_path / "calib.pt")
+    assert cli.main(["recalibrate", f"{f}:build", "--data", str(tmp_path / "calib.pt"),
+                     "--exact", "-o", str(out), "--json"]) == 0
+    assert '"recalibrated"' in capsys.readouterr().out
+    for argv, words in (
+            (["--data", str(tmp_path / "none.npy")], "does not exist"),
+            (["--data", str(f)], "cannot read --data"),
+            (["--data", str(tmp_path / "calib.npy"), "--batch-size", "0"], "--batch-size"),
+            (["--data", str(tmp_path / "calib.npy"), "--num-batches", "-1"], "--num-batches")):
+        assert cli.main(["recalibrate", f"{f}:build", *argv, "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1
