@@ -47,3 +47,11 @@ def test_deploy_example_quick(capsys):
     res = load("deploy_onnxruntime").main(["--quick"])
     assert res["agree"] == 1.0 and res["rel"] <= 1e-5 and res["bn_nodes"] == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_recalibrate_example_quick(capsys):
+    pytest.importorskip("sklearn")
+    res = load("recalibrate_pruned").main(["--quick"])
+    assert res["trained"] > 0.9 and res["pruned"] < res["trained"] - 0.2
+    assert res["recalibrated"] > res["pruned"] + 0.2
+    assert "after ns.recalibrate" in capsys.readouterr().out
