@@ -318,7 +318,7 @@ def test_cli_inspect_fold_export_verify_a_program(program_file, tmp_path, capsys
 
 @pytest.mark.parametrize("argv,words", [
     (["fold", "{p}", "-o", "{p}"], "must differ from the input"),
-    (["fold", "{d}/x.onnx", "-o", "{d}/y.onnx"], "not supported yet"),
+    (["fold", "{d}/x.txt", "-o", "{d}/y.onnx"], "or an ONNX file (.onnx)"),
     (["fold", "{p}", "-o", "{d}/out.onnx"], "written as a .pt2 file"),
     (["fold", "{d}/missing.pt2", "-o", "{d}/o.pt2"], "does not exist"),
     (["fold", "{d}/bad.pt2", "-o", "{d}/o.pt2"], "cannot load"),
