@@ -48,6 +48,7 @@ def test_moments_are_stable_far_from_zero():
 
 # --- models ------------------------------------------------------------------------------------
 def net() -> nn.Module:
+    torch.manual_seed(0)  # the same weights in every process
     return randomize_bn(nn.Sequential(
         nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
         nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6, affine=False), nn.ReLU(),
@@ -262,3 +263,40 @@ def test_cli_recalibrate(tmp_path, capsys):
         assert cli.main(["recalibrate", f"{f}:build", *argv, "-o", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1
+
+
+# --- distributed: 2 gloo processes, unequal batch sizes ----------------------------------------
+def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    data = batches((8, 8, 5))
+    mine = data[:2] if rank == 0 else data[2:]  # 16 images on rank 0, 5 on rank 1
+    for exact in (False, True):
+        out = ns.recalibrate(net(), mine, exact=exact)
+        torch.save({k: v for k, v in out.state_dict().items() if "running" in k},
+                   os.path.join(out_dir, f"rank{rank}_{exact}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_distributed_ranks_end_with_the_global_statistics(tmp_path):
+    import os
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)
+    for exact in (False, True):
+        single = ns.recalibrate(net(), batches((8, 8, 5)), exact=exact).state_dict()
+        for rank in range(2):
+            got = torch.load(os.path.join(tmp_path, f"rank{rank}_{exact}.pt"))
+            for k, v in got.items():
+                torch.testing.assert_close(v, single[k], rtol=1e-5, atol=1e-6)
