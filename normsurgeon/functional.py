@@ -342,18 +342,24 @@ def fold_weights(kind: str, direction: str, weight: Tensor, bias: Tensor | None,
 
 
 def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
-    r"""``(n, mean, M2)`` per channel (axis 1) of ``x`` in float64: ``n`` values per channel
-    (N·spatial), their mean, and ``M2 = Σ(x − mean)²`` by two passes (never ``E[x²] − m²``)."""
+    r"""``(n, mean, M2)`` per channel (axis 1) of ``x``, returned in float64: ``n`` values per
+    channel (N·spatial), their mean, and ``M2 = Σ(x − mean)² = n·var``. The batch's mean and
+    variance come from ``torch.var_mean`` (a shifted, Welford-style kernel: never
+    ``E[x²] − m²``) in the input's precision, float32 at least; batches then merge in float64
+    (:func:`merge_moments`)."""
     c = x.shape[1] if x.dim() > 1 else x.shape[0]
-    x64 = x.detach().to(torch.float64)
-    flat = x64.transpose(0, 1).reshape(c, -1) if x.dim() > 1 else x64.reshape(c, 1)
-    n = flat.shape[1]
+    if x.dim() < 2:
+        x = x.reshape(1, c)
+    n = x.numel() // c if c else 0
     if n == 0:
         z = torch.zeros(c, dtype=torch.float64, device=x.device)
         return 0, z, z.clone()
-    mean = flat.mean(1)
-    m2 = (flat - mean[:, None]).pow(2).sum(1)
-    return n, mean, m2
+    work = x.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
+    dims = (0, *range(2, work.dim()))
+    var, mean = torch.var_mean(work, dim=dims, correction=0)
+    return n, mean.double(), var.double() * n
 
 
 def merge_moments(a: tuple[int, Tensor, Tensor], b: tuple[int, Tensor, Tensor]

@@ -43,7 +43,8 @@ def test_moments_are_stable_far_from_zero():
     x = torch.randn(64, 3, 5, dtype=torch.float32) + 3000.0
     n, mean, m2 = channel_moments(x)
     ref = x.double().transpose(0, 1).reshape(3, -1).var(1)
-    torch.testing.assert_close(m2 / (n - 1), ref, rtol=1e-9, atol=0)
+    # float32 precision (E[x²] − m² would be off by ~10% here: 3000² / 1 in float32)
+    torch.testing.assert_close(m2 / (n - 1), ref, rtol=1e-6, atol=0)
 
 
 # --- models ------------------------------------------------------------------------------------
