@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import gc
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -245,8 +246,13 @@ def _run(model: nn.Module, to: str, example_inputs: Any, include: Any, exclude: 
     recording, the self-check) run with the caller's thread count; the caller's setting is
     restored afterwards."""
     caller = torch.get_num_threads()
-    with CONVERSION_LOCK, torch.inference_mode(False), _gc_paused(), _num_threads(1), \
-            float64_workspace(threads=caller):
+    # torch's thread setting is process-wide for threads started later: a process with other
+    # threads keeps its setting untouched (a thread one of them starts mid-conversion must not
+    # inherit one intra-op thread for life)
+    alone = threading.active_count() == 1
+    with CONVERSION_LOCK, torch.inference_mode(False), _gc_paused(), \
+            _num_threads(1 if alone else caller), float64_workspace(
+                threads=caller if alone else 1):
         return _convert(model, to, example_inputs, include, exclude, inplace=inplace,
                         strict=strict, leaf_modules=leaf_modules, options=options,
                         dry_run=dry_run, check=check, threads=caller)

@@ -623,3 +623,40 @@ def test_torch_floor_excludes_releases_with_the_weights_only_bypass():
     text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
     floor = re.search(r'"torch>=(\d+)\.(\d+)', text)
     assert floor is not None and (int(floor[1]), int(floor[2])) >= (2, 6)
+
+
+def test_a_thread_started_during_a_conversion_keeps_the_callers_thread_setting():
+    """torch.set_num_threads is inherited by threads started later: with other threads in
+    the process, a conversion leaves the setting alone."""
+    seen: list[int] = []
+    started = threading.Event()
+
+    def late() -> None:
+        started.wait()
+        seen.append(torch.get_num_threads())
+
+    waiting = threading.Thread(target=late)
+    waiting.start()
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    before = 2
+    try:
+        from normsurgeon import api
+
+        real = api._num_threads
+
+        def spy(n: int):  # the conversion's own setting, while it holds it: start the thread
+            seen.append(n)
+            return real(n)
+
+        api._num_threads = spy
+        try:
+            ns.convert(randomize_bn(conv_bn(), 0).eval())
+        finally:
+            api._num_threads = real
+    finally:
+        started.set()
+        waiting.join()
+        torch.set_num_threads(caller)
+    assert seen[0] == before  # with another thread alive, the setting is not lowered
+    assert seen[-1] == before
