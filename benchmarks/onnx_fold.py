@@ -195,7 +195,7 @@ def _run(m: onnx.ModelProto, feeds: dict[str, np.ndarray], reference: bool = Fal
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
+    names = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 

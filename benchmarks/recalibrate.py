@@ -1,8 +1,9 @@
 """Recalibration: ``ns.recalibrate`` vs torch's ``update_bn``, side by side in one run.
 
-    python benchmarks/recalibrate.py [--reps 3] [--size 112]
+    python benchmarks/recalibrate.py [--reps 3] [--batches 4] [--batch-size 4]
 
-* pytorchcv ResNet-50 (random weights, randomized BN statistics), 8 batches of 8 images:
+* pytorchcv ResNet-50 (random weights, randomized BN statistics), ``--batches`` batches of
+  ``--batch-size`` random 224x224 images:
   time of the default mode, of ``exact=True``, and of ``update_bn`` (median of ``--reps``
   interleaved rounds); and each result's distance to the exact float64 reference (the
   fixed point computed in float64): max over layers of ``max|Δvar| / max|var_ref|``.
@@ -51,7 +52,7 @@ def timed(fn) -> float:  # noqa: ANN001
 def resnet(args: argparse.Namespace) -> None:
     model = zoo.randomize(zoo.build("resnet50"))
     g = torch.Generator().manual_seed(0)
-    data = [torch.randn(8, 3, args.size, args.size, generator=g) for _ in range(8)]
+    data = [torch.randn(args.batch_size, 3, 224, 224, generator=g) for _ in range(args.batches)]
     ref = ns.recalibrate(model.double(), [d.double() for d in data], exact=True).float()
     model = model.float()
     tools = {"ns.recalibrate": lambda: ns.recalibrate(model, data),
@@ -64,7 +65,8 @@ def resnet(args: argparse.Namespace) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     theirs = copy.deepcopy(model)
     update_bn(data, theirs)
-    print(f"\nResNet-50, 8 batches of 8 at {args.size}x{args.size}, median of {args.reps}:")
+    print(f"\nResNet-50, {args.batches} batches of {args.batch_size} at 224x224, median of "
+          f"{args.reps}:")
     print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in med.items()))
     print(f"  ns.recalibrate / update_bn {med['ns.recalibrate'] / med['update_bn']:.2f}; "
           f"exact / update_bn {med['ns exact'] / med['update_bn']:.2f}")
@@ -106,7 +108,8 @@ def digits() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
     args = p.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} "
           "threads")
