@@ -263,12 +263,33 @@ def _collect(model: nn.Module, layers: list[_Layer], data: Iterable[Any],
     for m in model.modules():
         m.training = False
     handles = []
+    momenta: list[tuple[nn.Module, Any]] = []
     for x in layers:
         x.moments, x.batches = None, 0
         if train:
             x.module.training = True
             if hasattr(x.module, "freeze_stats"):
                 x.module.freeze_stats = False
+        if train and _reads_own_stats(x.module):
+            # the layer computes this batch's statistics anyway: with momentum 1 its running
+            # buffers hold exactly them (mean, unbiased variance) after its forward, so no
+            # second pass over the activation is needed (update_bn's cost, not 1.3x of it)
+            momenta.append((x.module, x.module.momentum))
+            x.module.momentum = 1.0
+
+            def after(mod: nn.Module, args: tuple[Any, ...], out: Any, x: _Layer = x) -> None:
+                inp = args[0]
+                c = mod.running_mean.numel()
+                n = inp.numel() // c if c else 0
+                if n <= 1:
+                    return
+                moments = (n, mod.running_mean.detach().double().clone(),
+                           mod.running_var.detach().double() * (n - 1))
+                x.moments = moments if x.moments is None else merge_moments(x.moments, moments)
+                x.batches += 1
+
+            handles.append(x.module.register_forward_hook(after))
+            continue
 
         def hook(mod: nn.Module, args: tuple[Any, ...], x: _Layer = x) -> None:
             inp = args[0]
@@ -297,9 +318,22 @@ def _collect(model: nn.Module, layers: list[_Layer], data: Iterable[Any],
     finally:
         for h in handles:
             h.remove()
+        for m, momentum in momenta:
+            m.momentum = momentum
     if seen == 0:
         raise ValueError("the data yielded no batch: pass a non-empty iterable of batches")
     _all_reduce(layers)
+
+
+def _reads_own_stats(m: nn.Module) -> bool:
+    """A layer whose training forward leaves this batch's own (local) statistics in its
+    running buffers when its momentum is 1: torch's BatchNorm classes (not SyncBatchNorm,
+    whose statistics may already be global), and normsurgeon's layers when not synced."""
+    from .layers._common import NormStatsMixin
+
+    if isinstance(m, NormStatsMixin):
+        return not m.sync
+    return type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _first(e: BaseException) -> str:
