@@ -577,32 +577,52 @@ def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
                                           sites=sites) from e
         log.warning("%s", msg)
         return
-    if rel != rel and not _has_finite(ref_out):
-        msg = ("the self-check compared nothing: the model's output on the example inputs is "
-               "empty or not finite anywhere (all NaN/inf, or a batch of 0), so agreement "
-               "cannot be measured; pass example inputs on which the model gives finite "
-               "outputs (check=False returns the model unchecked)")
+    dtypes = {p.dtype for p in work.parameters() if p.is_floating_point()}
+    judge(rel, ref_out, report, check=check, half=bool(dtypes & {torch.float16, torch.bfloat16}),
+          bar=1e-5 if transform.name == "fold" else 1e-6,
+          noise=(lambda: _fp64_noise(original, inputs, ref_out)) if original is not None
+          else None, what="the converted model", culprits=culprits)
+
+
+def judge(rel: float, ref: Any, report: ConversionReport, *, check: bool, half: bool,
+          bar: float, noise: Any = None, what: str = "the converted model",
+          culprits: Any = None) -> None:
+    """The verdict of every self-check (nn.Module, ExportedProgram and ONNX front ends, one
+    rule): record ``report.max_rel_error`` and ``report.bar``, and raise
+    :class:`ConversionMismatchError` (unless ``check`` is False: then a warning) when
+
+    * nothing finite was compared (``rel`` is NaN and the original's output has no finite
+      entry): agreement on nothing is no agreement;
+    * ``rel`` is above the bar of docs/bars.md: ``bar`` (1e-5 folds, 1e-6 CBN/RBN), 1e-2 when
+      the model computes in fp16/bf16 (``half``), or 4x the original's own fp32-vs-float64
+      error (``noise()``, asked only when the fixed bar is exceeded) where that is larger;
+    * ``rel`` is NaN while the original's output is finite somewhere.
+
+    ``culprits()`` (optional) names the sites responsible, for the message."""
+    if rel != rel and not _has_finite(ref):
+        msg = ("the self-check compared nothing: the original's output on the example inputs "
+               "is empty or not finite anywhere (all NaN/inf, or a batch of 0), so agreement "
+               "cannot be measured; pass example inputs on which it gives finite outputs "
+               "(check=False returns the result unchecked)")
         if check:
             raise ConversionMismatchError(msg, rel=rel, report=report)
         log.warning("%s", msg)
         return
     report.max_rel_error = rel
-    dtypes = {p.dtype for p in work.parameters() if p.is_floating_point()}
-    bar = 1e-2 if dtypes & {torch.float16, torch.bfloat16} else (
-        1e-5 if transform.name == "fold" else 1e-6)
-    if rel > bar and original is not None:
-        bar = max(bar, 4 * _fp64_noise(original, inputs, ref_out))
+    bar = 1e-2 if half else bar
+    if rel > bar and noise is not None:
+        bar = max(bar, 4 * noise())
     report.bar = bar
     if rel > bar or rel != rel:
-        msg = (f"the converted model differs from the original by rel {rel:.3e} on the example "
-               f"inputs, above the bar {bar:.1e} (docs/bars.md)")
+        msg = (f"{what} differs from the original by rel {rel:.3e} on the example inputs, "
+               f"above the bar {bar:.1e} (docs/bars.md)")
         if check:
             sites = culprits() if culprits is not None else []
             where = (f"; responsible: {', '.join(sites)} (exclude= them to convert the rest)"
                      if sites else "; pass exclude= to find the site")
             raise ConversionMismatchError(
                 msg + where + ". This is a normsurgeon bug: please report it; check=False "
-                "returns the model anyway", rel=rel, bar=bar, report=report, sites=sites)
+                "returns the result anyway", rel=rel, bar=bar, report=report, sites=sites)
         log.warning("%s", msg)
 
 

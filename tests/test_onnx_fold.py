@@ -323,7 +323,7 @@ def test_self_check_catches_a_wrong_fold(monkeypatch):
         return w * 1.01, b
 
     monkeypatch.setattr(functional, "fold_weights", wrong)
-    with pytest.raises(ns.ConversionMismatchError, match="differs from the input"):
+    with pytest.raises(ns.ConversionMismatchError, match="folded model .on onnxruntime. differs"):
         ns.convert(conv_bn_model())
 
 

@@ -512,6 +512,9 @@ def test_conversion_restores_the_callers_thread_setting(monkeypatch):
         return functional.float64_workspace(threads)
 
     monkeypatch.setattr(api, "float64_workspace", workspace)
+    # the process's only Python thread (earlier tests may leave daemon threads, e.g. tqdm's
+    # monitor; with other threads a conversion leaves the thread setting alone: test_edges)
+    monkeypatch.setattr(api.threading, "active_count", lambda: 1)
     model = prep(conv_bn())
     model[2].register_forward_pre_hook(lambda m, i: seen.append(torch.get_num_threads()))
     try:

@@ -796,7 +796,7 @@ def _self_check(ep: ExportedProgram, new: ExportedProgram, example_inputs: Any,
     """Run both programs on the example inputs (the caller's, else the program's own) with
     the bar of the module path (docs/bars.md)."""
     from .._args import as_inputs
-    from ..api import _fp64_noise, _has_finite, compare_outputs
+    from ..api import _fp64_noise, compare_outputs, judge
 
     if example_inputs is not None:
         args, kwargs = as_inputs(example_inputs, "example_inputs"), {}
@@ -821,28 +821,11 @@ def _self_check(ep: ExportedProgram, new: ExportedProgram, example_inputs: Any,
                 raise ConversionMismatchError(msg, report=report) from e
             log.warning("%s", msg)
             return
-    rel = compare_outputs(out, ref)
-    if rel != rel and not _has_finite(ref):
-        msg = ("the self-check compared nothing: the program's output on the example inputs "
-               "is empty or not finite anywhere; pass example inputs on which it gives finite "
-               "outputs (check=False returns the program unchecked)")
-        if check:
-            raise ConversionMismatchError(msg, rel=rel, report=report)
-        log.warning("%s", msg)
-        return
-    report.max_rel_error = rel
     dtypes = {t.dtype for t in new.state_dict.values() if t.is_floating_point()}
-    bar = 1e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-5
-    if rel > bar and not kwargs:
-        bar = max(bar, 4 * _fp64_noise(ep.module(), tuple(args), ref))
-    report.bar = bar
-    if rel > bar or rel != rel:
-        msg = (f"the folded program differs from the original by rel {rel:.3e} on the example "
-               f"inputs, above the bar {bar:.1e} (docs/bars.md). This is a normsurgeon bug: "
-               "please report it; check=False returns the program anyway")
-        if check:
-            raise ConversionMismatchError(msg, rel=rel, bar=bar, report=report)
-        log.warning("%s", msg)
+    judge(compare_outputs(out, ref), ref, report, check=check,
+          half=bool(dtypes & {torch.float16, torch.bfloat16}), bar=1e-5,
+          noise=(lambda: _fp64_noise(ep.module(), tuple(args), ref)) if not kwargs else None,
+          what="the folded program")
 
 
 def _run(ep: ExportedProgram, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
