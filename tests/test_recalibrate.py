@@ -301,3 +301,33 @@ def test_distributed_ranks_end_with_the_global_statistics(tmp_path):
             got = torch.load(os.path.join(tmp_path, f"rank{rank}_{exact}.pt"))
             for k, v in got.items():
                 torch.testing.assert_close(v, single[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (3, 2)), nn.BatchNorm1d(3)),
+     (10, 4)),                                                        # BatchNorm1d on (N, C, L)
+    (lambda: nn.Sequential(nn.Conv3d(2, 3, 1), nn.BatchNorm3d(3)), (4, 2, 3, 3, 3)),
+    (lambda: nn.Sequential(nn.Conv2d(2, 3, 1), nn.SyncBatchNorm(3)), (4, 2, 5, 5)),
+])
+def test_every_batchnorm_kind_gets_its_pooled_statistics(make, shape):
+    torch.manual_seed(0)
+    model = randomize_bn(make(), 0).eval()
+    data = [torch.randn(*shape) * 3 + 1 for _ in range(3)]
+    out = ns.recalibrate(model, data)
+    with torch.no_grad():
+        h = model[:-1](torch.cat(data)).double()
+    dims = (0, *range(2, h.dim()))
+    torch.testing.assert_close(out[-1].running_mean.double(), h.mean(dims), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(out[-1].running_var.double(), h.var(dims), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_frozen_lookalikes_are_skipped_with_a_reason():
+    from .fuzz_models import FrozenBN
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBN(4), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4)).eval()
+    rep = ns.recalibrate_with_report(model, batches())[1]
+    assert [r.action for r in rep] == ["skipped", "recalibrated"]
+    assert "look-alike" in rep.sites[0].reason
