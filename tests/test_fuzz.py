@@ -241,7 +241,9 @@ def test_fuzz_onnx_file_agrees_with_the_module_path(tmp_path_factory, case):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x.contiguous(),), path, dynamo=False,
+            # the exporter refuses DataParallel: export what it wraps
+            target = model.module if isinstance(model, nn.DataParallel) else model
+            torch.onnx.export(target, (x.contiguous(),), path, dynamo=False,
                               do_constant_folding=False,
                               training=torch.onnx.TrainingMode.PRESERVE)
     except Exception:  # noqa: BLE001 - torch cannot export it
@@ -257,7 +259,7 @@ def test_fuzz_onnx_file_agrees_with_the_module_path(tmp_path_factory, case):
     def module_name(node_name: str) -> str:  # "/blocks.0/bn/BatchNormalization" → blocks.0.bn
         return ".".join(node_name.strip("/").split("/")[:-1])
 
-    _, mrep = ns.convert_with_report(model, example_inputs=x)
+    _, mrep = ns.convert_with_report(target, example_inputs=x)
     folded = {r.name for r in mrep if r.action == "folded"}
     in_file = {module_name(r.name) for r in rep}
     file_folded = {module_name(r.name) for r in rep if r.action == "folded"}

@@ -349,3 +349,33 @@ def test_cli_fold_onnx(tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("with_add", [True, False])
+@pytest.mark.parametrize("direction", ["producer", "consumer"])
+def test_matmul_add_folds_where_the_graph_proves_2d(with_add, direction):
+    w = RNG.standard_normal((5, 6)).astype(np.float32)  # (in, out)
+    c = 6 if direction == "producer" else 5
+    nodes, inits = [], [init("w", w), *bn_params("bn", c)]
+    if direction == "producer":
+        nodes.append(helper.make_node("MatMul", ["a", "w"], ["m"], name="mm"))
+        if with_add:
+            nodes.append(helper.make_node("Add", ["m", "c"], ["h"], name="add"))
+            inits.append(init("c", RNG.standard_normal((1, 6)).astype(np.float32)))
+        nodes.append(bn("bn", "h" if with_add else "m", "y"))
+    else:
+        nodes.append(bn("bn", "a", "h"))
+        nodes.append(helper.make_node("MatMul", ["h", "w"], ["m" if with_add else "y"],
+                                      name="mm"))
+        if with_add:
+            nodes.append(helper.make_node("Add", ["m", "c"], ["y"], name="add"))
+            inits.append(init("c", RNG.standard_normal(6).astype(np.float32)))
+    m = make(nodes, inits, [("a", [4, 5])], ["y"])
+    new, rep = ns.convert_with_report(m)
+    assert rep.counts == {"folded": 1} and bn_count(new) == 0, rep.table()
+    a = RNG.standard_normal((4, 5)).astype(np.float32)
+    assert rel(run(new, {"a": a})[0], run(m, {"a": a})[0]) <= 1e-5
+    # on a 3-D input the BN's channel axis is not the MatMul's feature axis: refused
+    m3 = make(nodes, inits, [("a", [4, 3, 5])], ["y"])
+    if direction == "producer":
+        assert ns.inspect(m3).counts == {"skipped": 1}

@@ -243,6 +243,44 @@ class _Layer:
     bias: str | None
     groups: int = 1
     attrs: dict[str, Any] = field(default_factory=dict)
+    # MatMul (+ Add of a constant bias): a Linear in two nodes; ``index`` is the Add when the
+    # BN reads its output, else the MatMul
+    matmul: int | None = None
+    add: int | None = None
+
+
+def _matmul_linear(g: _Graph, k: int) -> _Layer | None:
+    """``MatMul(x, W)`` with a constant 2-D ``W`` (in, out), and its ``Add`` of a constant
+    bias when that Add is the MatMul's only reader: one Linear, W' = Wᵀ in Gemm terms."""
+    n = g.node(k)
+    if n.op_type == "Add":
+        for pos in (0, 1):
+            kp = g.producer.get(n.input[pos])
+            if kp is not None and g.node(kp).op_type == "MatMul" and g.users.get(
+                    n.input[pos]) == [k] and n.input[pos] not in g.outputs:
+                inner = _matmul_linear(g, kp)
+                if inner is None or inner.add != k:
+                    return None
+                inner.index = k
+                return inner
+        return None
+    if n.op_type != "MatMul" or len(n.input) != 2:
+        return None
+    w = g.const(n.input[1])
+    if w is None or w.ndim != 2:
+        return None
+    out = n.output[0]
+    users = g.users.get(out, [])
+    add, bias = None, None
+    if len(users) == 1 and out not in g.outputs:
+        a = g.node(users[0])
+        if a.op_type == "Add" and a.domain in ("", "ai.onnx") and len(a.input) == 2:
+            other = a.input[1] if a.input[0] == out else a.input[0]
+            c = g.const(other)
+            if c is not None and c.size == w.shape[1] and c.ndim <= 2:
+                add, bias = users[0], other
+    return _Layer(k, "linear", "MatMul", n.input[0], n.input[1], bias, 1,
+                  {"transB": 0}, matmul=k, add=add)
 
 
 def _layer(g: _Graph, k: int | None) -> _Layer | None:
@@ -259,6 +297,8 @@ def _layer(g: _Graph, k: int | None) -> _Layer | None:
                       a)
     if n.op_type == "Gemm":
         return _Layer(k, "linear", "Gemm", n.input[0], n.input[1], bias, 1, a)
+    if n.op_type in ("MatMul", "Add"):
+        return _matmul_linear(g, k)
     return None
 
 
@@ -464,7 +504,9 @@ class _Planner:
             bn_kind="BatchNormalization", chain=chain, layer=layer_problem,
             bn_features=s.stats.num_features, channels=channels,
             weight_rank=2 if layer.kind == "linear" else (w.ndim if w is not None else 0),
-            ranks=frozenset({2}) if layer.kind == "linear" else None,
+            ranks=(frozenset({2}) if layer.op == "Gemm" else (
+                lambda: frozenset({g.ranks[layer.input]}) if layer.input in g.ranks else None)
+            ) if layer.kind == "linear" else None,
             rank_checked_by_bn=layer.kind != "linear",  # ONNX Conv inputs are batched
             reads_zero_padding=pad, shift=t_ if pad else None,
             risky=w is not None and str(w.dtype) in ("float16", "bfloat16"),
@@ -626,14 +668,29 @@ def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
         return out
 
     current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layers folded once already
+    added: list[tuple[int, Any]] = []  # (after node index, new node)
+
     for p in plans:
         if p.parts:
             results = list(zip(p.parts, planner.folded_parts(p, current)))
         else:
             results = [(p.layer, planner.folded(p, current.get(p.layer.index)))]
+        bias_node: Any = None  # MatMul without an Add: the Add that will carry the bias
         for layer, (w2, b2) in results:
             node = graph.node[layer.index]
             current[layer.index] = (w2, b2)
+            if layer.op == "MatMul":
+                mm = graph.node[layer.matmul]
+                mm.input[1] = put(layer.weight, w2, layer.matmul, layer.weight)
+                b_name = put(layer.bias, b2, layer.add if layer.add is not None else -1,
+                             layer.bias or f"{layer.weight}_bias")
+                if layer.add is not None:
+                    add = graph.node[layer.add]
+                    pos = list(add.input).index(layer.bias)
+                    add.input[pos] = b_name
+                else:
+                    bias_node = (layer.matmul, b_name)
+                continue
             node.input[1] = put(layer.weight, w2, layer.index, layer.weight)
             bias_base = layer.bias or f"{layer.weight}_bias"
             b_name = put(layer.bias, b2, layer.index, bias_base)
@@ -646,6 +703,22 @@ def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
                     if a.name == "beta":
                         a.f = 1.0
         bn = graph.node[p.site.index]
+        if bias_node is not None and p.direction == "producer":
+            # MatMul → BN: the BN node becomes Add(its input, b'), keeping its output name
+            b_name = bias_node[1]
+            y = bn.output[0]
+            bn.CopyFrom(onnx.helper.make_node("Add", [bn.input[0], b_name], [y],
+                                              name=bn.name))
+            continue
+        if bias_node is not None:
+            # BN → MatMul: an Add after the MatMul carries b' under the MatMul's output name,
+            # so every reader of that output sees the original values
+            k_mm, b_name = bias_node
+            mm = graph.node[k_mm]
+            y = mm.output[0]
+            mm.output[0] = fresh(f"{y}_unbiased")
+            added.append((k_mm, onnx.helper.make_node(
+                "Add", [mm.output[0], b_name], [y], name=fresh(f"{mm.name or y}_bias"))))
         if p.direction == "producer":
             # the node feeding the BN (the layer, a transparent node, the Concat) takes the
             # BN's output name: graph output names stay
@@ -655,7 +728,14 @@ def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
             reader = p.via[0] if p.via else p.layer.index
             graph.node[reader].input[0] = bn.input[0]
         drop.add(p.site.index)
-    keep = [n for k, n in enumerate(graph.node) if k not in drop]
+    after: dict[int, list[Any]] = {}
+    for k, n in added:
+        after.setdefault(k, []).append(n)
+    keep = []
+    for k, n in enumerate(graph.node):
+        if k not in drop:
+            keep.append(n)
+        keep.extend(after.get(k, []))
     # nodes that only computed the weights and biases the folds replaced (the dynamo
     # exporter's zero bias Shape → Expand → CastLike) are dead now: remove them, and only them
     layers = [x for p in plans for x in (p.parts or [p.layer])]
