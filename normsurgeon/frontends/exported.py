@@ -712,8 +712,7 @@ class _Writer:
             example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
         for k, v in ep.graph_module.meta.items():
             new.graph_module.meta.setdefault(k, copy.copy(v))
-        new.validate()  # torch's own verifier
-        return new
+        return new  # the constructor ran torch's own verifier (ExportedProgram.validate)
 
 
 def _same_meta(fake: Any, t: Tensor) -> bool:
