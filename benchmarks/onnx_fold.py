@@ -3,7 +3,8 @@
     python benchmarks/onnx_fold.py [--models resnet50 mobilenetv2_w1 densenet121] [--reps 5]
 
 Optional dependencies (benchmark only, never needed by normsurgeon):
-``pip install onnxslim onnxsim onnxoptimizer``; a tool that is not installed is left out.
+``pip install onnxslim onnxsim onnxoptimizer`` (onnxscript comes with normsurgeon's onnx
+extra: its rewriter's BatchNorm fusion rules); a tool that is not installed is left out.
 
 Prints, per tool and case: BatchNormalization nodes left, the max rel error of the tool's file
 against the input file on onnxruntime CPU (graph optimisations off, random inputs), and a
@@ -67,6 +68,21 @@ def _tools() -> dict[str, Callable[[onnx.ModelProto, str], onnx.ModelProto]]:
 
         tools["onnxoptimizer"] = lambda m, d: onnxoptimizer.optimize(_copy(m),
                                                                       ["fuse_bn_into_conv"])
+    except ImportError:
+        pass
+
+    try:
+        import onnxscript
+        from onnxscript.rewriter.rules.common import (
+            fuse_batchnorm_into_conv_rule,
+            fuse_batchnorm_into_conv_transpose_rule,
+            fuse_batchnorm_into_gemm_rule,
+        )
+
+        rules = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule,
+                 fuse_batchnorm_into_gemm_rule]
+        tools["onnxscript"] = lambda m, d: onnxscript.rewriter.rewrite(
+            _copy(m), pattern_rewrite_rules=rules)
     except ImportError:
         pass
 
