@@ -226,6 +226,16 @@ def _example(model: Any, args: tuple[Any, ...]) -> None:
         raise UsageError(str(e).splitlines()[0]) from None
 
 
+def _writable(path: str) -> None:
+    """``-o PATH`` must be writable: a UsageError saying why not, before any work."""
+    from .onnx.export import _check_writable
+
+    try:
+        _check_writable(path)
+    except ValueError as e:
+        raise UsageError(f"-o {path}: {e}") from None
+
+
 def _random_input(shape: tuple[int, ...], g: Any = None) -> Any:
     import torch
 
@@ -374,13 +384,9 @@ def _print_verification(res: Any, requested: list[str] | None) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import normsurgeon as ns
 
-    from .onnx.export import _check_writable
 
     providers = _providers(args.providers)
-    try:  # before any work: a bad -o is found in a second, not after the export
-        _check_writable(args.output)
-    except ValueError as e:
-        raise UsageError(f"-o {args.output}: {e}") from None
+    _writable(args.output)  # before any work: a bad -o is found in a second, not after
     with progress("converting"):
         model, example, report = _build_converted(args)
     static = getattr(args, "static_batch", False)
@@ -438,7 +444,6 @@ def cmd_fold(args: argparse.Namespace) -> int:
     import normsurgeon as ns
 
     from ._io import atomic_path
-    from .onnx.export import _check_writable
 
     src, out = args.input, args.output
     onnx_file = src.endswith(".onnx")
@@ -452,10 +457,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
                          f"written as a {ext} file")
     if os.path.abspath(src) == os.path.abspath(out):
         raise UsageError("-o must differ from the input: the input file is never modified")
-    try:
-        _check_writable(out)
-    except ValueError as e:
-        raise UsageError(f"-o {out}: {e}") from None
+    _writable(out)
     if onnx_file:
         return _fold_onnx(args, src, out)
     ep = load_program(src)
@@ -610,16 +612,12 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     import normsurgeon as ns
 
     from ._io import atomic_path
-    from .onnx.export import _check_writable
 
     if args.batch_size <= 0:
         raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.num_batches is not None and args.num_batches <= 0:
         raise UsageError(f"--num-batches must be a positive integer, got {args.num_batches}")
-    try:
-        _check_writable(args.output)
-    except ValueError as e:
-        raise UsageError(f"-o {args.output}: {e}") from None
+    _writable(args.output)
     if is_program(args.model):
         raise UsageError("recalibrate needs a Python model (package.module:callable); a .pt2 "
                          "program's statistics are constants of its graph")
