@@ -334,3 +334,16 @@ def test_cli_program_mistakes_exit_2_with_one_line(program_file, tmp_path, capsy
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("ir", IRS)
+def test_a_bias_free_conv_folded_on_both_sides(ir):
+    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 5, 1, bias=False),
+                                       nn.BatchNorm2d(5)), 0).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ep = export(model, x, ir=ir)
+    new, rep = ns.convert_with_report(ep)
+    assert rep.counts == {"folded": 2} and bn_ops(new) == 0
+    assert [s.target for s in new.graph_signature.input_specs if s.kind.name == "PARAMETER"] \
+        == ["1.weight", "1.bias"]
+    assert_same(ep, new, x)

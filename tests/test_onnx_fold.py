@@ -379,3 +379,38 @@ def test_matmul_add_folds_where_the_graph_proves_2d(with_add, direction):
     m3 = make(nodes, inits, [("a", [4, 3, 5])], ["y"])
     if direction == "producer":
         assert ns.inspect(m3).counts == {"skipped": 1}
+
+
+@pytest.mark.parametrize("layer", ["conv", "matmul"])
+def test_a_layer_folded_on_both_sides(layer):
+    if layer == "conv":
+        nodes = [bn("pre", "x", "h"), helper.make_node("Conv", ["h", "w"], ["c"]),
+                 bn("post", "c", "y")]
+        inits = [init("w", RNG.standard_normal((6, 3, 1, 1)).astype(np.float32)),
+                 *bn_params("pre", 3), *bn_params("post", 6)]
+        shape, feeds_shape = [2, 3, 5, 5], (2, 3, 5, 5)
+    else:
+        nodes = [bn("pre", "x", "h"), helper.make_node("MatMul", ["h", "w"], ["m"]),
+                 helper.make_node("Add", ["m", "c"], ["a"]), bn("post", "a", "y")]
+        inits = [init("w", RNG.standard_normal((3, 6)).astype(np.float32)),
+                 init("c", RNG.standard_normal(6).astype(np.float32)),
+                 *bn_params("pre", 3), *bn_params("post", 6)]
+        shape, feeds_shape = [4, 3], (4, 3)
+    m = make(nodes, inits, [("x", shape)], ["y"])
+    new, rep = ns.convert_with_report(m)
+    assert rep.counts == {"folded": 2} and bn_count(new) == 0, rep.table()
+    x = RNG.standard_normal(feeds_shape).astype(np.float32)
+    assert rel(run(new, {"x": x})[0], run(m, {"x": x})[0]) <= 1e-5
+
+
+def test_a_bare_matmul_takes_one_side_only():
+    nodes = [bn("pre", "x", "h"), helper.make_node("MatMul", ["h", "w"], ["m"]),
+             bn("post", "m", "y")]
+    inits = [init("w", RNG.standard_normal((3, 6)).astype(np.float32)),
+             *bn_params("pre", 3), *bn_params("post", 6)]
+    m = make(nodes, inits, [("x", [4, 3])], ["y"])
+    new, rep = ns.convert_with_report(m)
+    assert rep.counts == {"folded": 1, "skipped": 1}, rep.table()
+    assert "other side" in next(r.reason for r in rep if r.action == "skipped")
+    x = RNG.standard_normal((4, 3)).astype(np.float32)
+    assert rel(run(new, {"x": x})[0], run(m, {"x": x})[0]) <= 1e-5

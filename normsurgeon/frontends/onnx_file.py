@@ -583,8 +583,8 @@ class _Planner:
         sc, sh = p.site.stats.scale_shift()
         out, start = [], 0
         for layer in p.parts:
-            if current and layer.index in current:
-                w, b = current[layer.index]
+            if current and _key(layer) in current:
+                w, b = current[_key(layer)]
             else:
                 w = torch.from_numpy(np.array(g.const(layer.weight), copy=True))
                 b_np = g.const(layer.bias) if layer.bias is not None else None
@@ -616,6 +616,12 @@ class _Planner:
             reasons["consumer"] = (f"consumer is {readers[0]}, not a Conv/Gemm" if len(readers)
                                    == 1 else f"output has {len(readers)} readers")
         return None, "; ".join(f"{k}: {v}" for k, v in reasons.items())
+
+
+def _key(layer: _Layer) -> int:
+    """One key per layer whichever side it was reached from (a MatMul + Add is reached at the
+    Add from a BN after it, at the MatMul from a BN before it)."""
+    return layer.matmul if layer.matmul is not None else layer.index
 
 
 def _nested_bns(node: Any) -> list[str]:
@@ -674,11 +680,11 @@ def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
         if p.parts:
             results = list(zip(p.parts, planner.folded_parts(p, current)))
         else:
-            results = [(p.layer, planner.folded(p, current.get(p.layer.index)))]
+            results = [(p.layer, planner.folded(p, current.get(_key(p.layer))))]
         bias_node: Any = None  # MatMul without an Add: the Add that will carry the bias
         for layer, (w2, b2) in results:
             node = graph.node[layer.index]
-            current[layer.index] = (w2, b2)
+            current[_key(layer)] = (w2, b2)
             if layer.op == "MatMul":
                 mm = graph.node[layer.matmul]
                 mm.input[1] = put(layer.weight, w2, layer.matmul, layer.weight)
@@ -800,6 +806,11 @@ def convert_onnx(model: Any, *, example_inputs: Any = None, include: list[str] |
                                          reason=s.problem, trace="onnx")
             continue
         p, why = planner.plan(s)
+        if p is not None and p.layer.op == "MatMul" and p.layer.add is None and any(
+                q.layer.op == "MatMul" and _key(q.layer) == _key(p.layer) for q in plans):
+            # a bare MatMul's bias lives in an Add the fold creates on one side only
+            p, why = None, ("its MatMul (without a bias Add) already takes the fold of the "
+                            "BatchNorm on its other side")
         if p is None:
             records[s.name] = SiteRecord(s.name, "BatchNormalization", Action.SKIPPED,
                                          reason=why, trace="onnx")
