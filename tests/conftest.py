@@ -52,3 +52,18 @@ def count_bn(model: nn.Module) -> int:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def wrong_fold(monkeypatch):
+    """Make the one fold-math entry point 1% wrong in its weights: every front end's self-check
+    must then refuse the result."""
+    from normsurgeon import functional
+
+    real = functional.fold_weights
+
+    def wrong(*a, **k):
+        w, b = real(*a, **k)
+        return w * 1.01, b
+
+    monkeypatch.setattr(functional, "fold_weights", wrong)

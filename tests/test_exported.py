@@ -237,16 +237,8 @@ def test_fp16_folds_within_the_half_bar():
     assert_same(ep, new, x, bar=HALF_BAR)
 
 
-def test_self_check_catches_a_wrong_fold(monkeypatch):
-    from normsurgeon import functional
-
-    real = functional.fold_weights
-
-    def wrong(*a, **k):
-        w, b = real(*a, **k)
-        return w * 1.01, b
-
-    monkeypatch.setattr(functional, "fold_weights", wrong)
+@pytest.mark.usefixtures("wrong_fold")
+def test_self_check_catches_a_wrong_fold():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 0).eval()
     ep = torch.export.export(model, (torch.randn(2, 3, 6, 6),))
     with pytest.raises(ns.ConversionMismatchError, match="folded program differs"):

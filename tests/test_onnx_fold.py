@@ -313,16 +313,8 @@ def test_external_data_round_trip(tmp_path):
     assert rel(run(back, {"x": x})[0], run(ref, {"x": x})[0]) <= 1e-5
 
 
-def test_self_check_catches_a_wrong_fold(monkeypatch):
-    from normsurgeon import functional
-
-    real = functional.fold_weights
-
-    def wrong(*a, **k):
-        w, b = real(*a, **k)
-        return w * 1.01, b
-
-    monkeypatch.setattr(functional, "fold_weights", wrong)
+@pytest.mark.usefixtures("wrong_fold")
+def test_self_check_catches_a_wrong_fold():
     with pytest.raises(ns.ConversionMismatchError, match="folded model .on onnxruntime. differs"):
         ns.convert(conv_bn_model())
 
