@@ -132,6 +132,64 @@ def test_signature_names_state_dict_and_round_trip(ir):
     new.validate()
 
 
+def test_the_programs_module_compiles_on_first_use_and_only_in_the_converting_thread():
+    """The result's GraphModule generates its code lazily: every use still works (its code,
+    printing, a direct call of the lifted graph, a deep copy), and torch's own constructor is back
+    afterwards and was never swapped for another thread."""
+    import copy
+    import threading
+
+    import torch.export.exported_program as epm
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    orig = epm._create_graph_module_for_export
+    model = randomize_bn(Families(), 2).eval()
+    args = families_inputs()
+    ep = export(model, *args)
+    seen: list[type] = []
+    gate, done = threading.Event(), threading.Event()
+
+    def other() -> None:  # builds a GraphModule while the conversion runs
+        gate.wait(5)
+        seen.append(type(epm._create_graph_module_for_export(ep.graph_module, ep.graph)))
+        done.set()
+
+    real_validate = torch.export.ExportedProgram.validate
+
+    def validate(self):  # runs inside the constructor, while the patch is installed
+        gate.set()
+        done.wait(5)
+        return real_validate(self)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        torch.export.ExportedProgram.validate = validate
+        new = ns.convert(ep)
+    finally:
+        torch.export.ExportedProgram.validate = real_validate
+        t.join()
+    assert epm._create_graph_module_for_export is orig
+    assert seen and not issubclass(seen[0], _LazyGraphModule)
+    gm = new.graph_module
+    assert isinstance(gm, _LazyGraphModule)
+    assert "aten.conv2d" in gm.code and "aten.batch_norm" not in gm.code
+    assert "conv2d" in str(gm)
+    flat = [new.state_dict[s.target] if s.kind.name == "PARAMETER" else
+            (new.state_dict.get(s.target, new.constants.get(s.target)) if s.target else None)
+            for s in new.graph_signature.input_specs]
+    user = iter(args)
+    flat = [next(user) if s.kind.name == "USER_INPUT" else v
+            for s, v in zip(new.graph_signature.input_specs, flat)]
+    with torch.no_grad():
+        direct = gm(*flat)
+    for a, b in zip(direct, outputs(ep, *args)):
+        assert rel_error(a, b) <= FOLD_BAR
+    again = copy.deepcopy(gm)  # (pickling fails for torch's own export modules as well)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(again(*flat), direct))
+
+
 class Shared(nn.Module):
     """torchao's silent failures: a second reader, one conv with two BNs, one BN and a plain use."""
 

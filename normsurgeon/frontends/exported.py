@@ -23,19 +23,23 @@ kept; torch's verifier checks the result. The input program is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import logging
 import operator
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.export.exported_program as _ep_module
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.export import ExportedProgram
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.export.graph_signature import (
     ExportGraphSignature,
     InputKind,
@@ -725,15 +729,40 @@ class _Writer:
                     while name in self.renamed:
                         name = self.renamed[name]
                     arg.name = name
-        # the program builds (and compiles) its GraphModule from the graph once; submodules
-        # (control-flow branches) come from the old one
-        new = ExportedProgram(
-            root=ep.graph_module, graph=self.graph, graph_signature=sig, state_dict=state,
-            range_constraints=copy.copy(ep.range_constraints), module_call_graph=calls,
-            example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
+        # the program builds its GraphModule from the graph once (lazily compiled, see
+        # _lazy_graph_module); submodules (control-flow branches) come from the old one
+        with _lazy_graph_module():
+            new = ExportedProgram(
+                root=ep.graph_module, graph=self.graph, graph_signature=sig, state_dict=state,
+                range_constraints=copy.copy(ep.range_constraints), module_call_graph=calls,
+                example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
         for k, v in ep.graph_module.meta.items():
             new.graph_module.meta.setdefault(k, copy.copy(v))
         return new  # the constructor ran torch's own verifier (ExportedProgram.validate)
+
+
+@contextlib.contextmanager
+def _lazy_graph_module() -> Iterator[None]:
+    """Within the block, the ExportedProgram this thread builds gets torch's
+    ``_LazyGraphModule``: its Python code is generated on first use (a call, ``.code``,
+    printing, pickling) instead of in the constructor. Most uses of a folded program never need
+    it (``torch.export.save`` writes the graph, ``.module()`` and ``run_decompositions()``
+    build their own module), and generating it was ~15% of a ResNet-50 fold. Other threads
+    building programs meanwhile get torch's own function (held under the conversion lock, so
+    one patch at a time)."""
+    orig = _ep_module._create_graph_module_for_export
+    owner = threading.get_ident()
+
+    def create(root: Any, graph: fx.Graph) -> fx.GraphModule:
+        if threading.get_ident() != owner:
+            return orig(root, graph)
+        return _LazyGraphModule(root, graph)
+
+    _ep_module._create_graph_module_for_export = create
+    try:
+        yield
+    finally:
+        _ep_module._create_graph_module_for_export = orig
 
 
 def _same_meta(fake: Any, t: Tensor) -> bool:
