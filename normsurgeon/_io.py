@@ -102,3 +102,15 @@ def raise_if_interrupted(e: BaseException) -> None:
     if _STATE.seen:
         _STATE.seen = False
         raise KeyboardInterrupt from e
+
+
+def check_writable(path: str) -> None:
+    """Refuse a path that cannot be written before any work (a directory, a missing or
+    read-only folder)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory; give a file name such as {path}/model.onnx")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{path} is not writable")

@@ -9,14 +9,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from ._args import as_inputs
+from ._args import check_patterns as _check_patterns
+from ._args import patterns as _patterns
 from ._copy import deepcopy_module
 from .errors import (
     ConversionMismatchError,
@@ -24,8 +24,8 @@ from .errors import (
     NormSurgeonError,
     StrictModeError,
 )
-from .functional import float64_workspace, rel_error, same_nonfinite
-from .report import Action, ConversionReport, SiteRecord
+from .functional import float64_workspace
+from .report import Action, ConversionReport, ConversionResult, SiteRecord
 from .rules import get_transform
 from .rules.base import Context, Decision, prime_scale_shift
 from .tracing import (
@@ -36,27 +36,11 @@ from .tracing import (
     set_submodule,
     trace_regions,
 )
+from .verdict import compare_outputs, judge
 
 __all__ = ["convert", "convert_with_report", "inspect", "ConversionResult"]
 
 log = logging.getLogger("normsurgeon")
-
-
-@dataclass
-class ConversionResult:
-    """What :func:`convert_with_report` returns: the converted model and its report."""
-
-    model: nn.Module
-    report: ConversionReport
-
-    def __iter__(self):  # allows ``model, report = convert_with_report(...)``
-        return iter((self.model, self.report))
-
-    def __getitem__(self, i: int) -> Any:  # ... and ``convert_with_report(...)[1]``
-        return (self.model, self.report)[i]
-
-    def __len__(self) -> int:
-        return 2
 
 
 def convert(
@@ -133,26 +117,6 @@ def convert_with_report(
                 leaf_modules=leaf_modules, options=options, dry_run=False, check=check)
 
 
-def _patterns(p: str | Sequence[str] | None, what: str) -> list[str] | None:
-    if p is None:
-        return None
-    if isinstance(p, str):
-        return [p]
-    if isinstance(p, Iterable) and all(isinstance(x, str) for x in p):
-        return list(p)
-    raise TypeError(f"{what} must be a glob pattern or a list of them, got {p!r}")
-
-
-def _check_patterns(inc: list[str] | None, exc: list[str] | None, names: list[str]) -> None:
-    """A pattern that matches no BatchNorm is a typo until proven otherwise: say so."""
-    for what, pats in (("include", inc), ("exclude", exc)):
-        for p in pats or []:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                some = ", ".join(names[:3]) if names else "the model has none"
-                raise ValueError(f"{what} pattern {p!r} matches no BatchNorm (names look like: "
-                                 f"{some})")
-
-
 def _with_bn_below(model: nn.Module) -> set[int]:
     """ids of modules that have a BatchNorm strictly below them."""
     out: set[int] = set()
@@ -168,35 +132,6 @@ def _with_bn_below(model: nn.Module) -> set[int]:
 
     walk(model)
     return out
-
-
-def compare_outputs(out: Any, ref: Any) -> float:
-    """Max docs/bars.md relative error over every tensor in two (nested) outputs; NaN when
-    nothing finite was compared (every entry non-finite, empty outputs, no tensor at all):
-    agreement on nothing is no agreement."""
-    a = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    b = [t for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
-    if len(a) != len(b):
-        raise NormSurgeonError(f"converted model returned {len(a)} tensors, original {len(b)}")
-    rels = [r for r in (_rel_finite(x, y) for x, y in zip(a, b)) if r is not None]
-    return max(rels) if rels else float("nan")
-
-
-def _rel_finite(y: torch.Tensor, ref: torch.Tensor) -> float | None:
-    """rel error over the finite entries, when both have the same non-finite entries (a model
-    whose original output holds NaN/inf, e.g. from non-finite statistics left unfolded);
-    inf when the non-finite entries differ; ``None`` when no finite entry was compared."""
-    if y.shape != ref.shape:
-        return float("inf")
-    if not ref.is_floating_point() and not ref.is_complex():
-        return 0.0 if torch.equal(y, ref) else float("inf")
-    bad = ~torch.isfinite(ref)
-    if not bool(bad.any()):
-        return rel_error(y, ref) if ref.numel() else None
-    if not same_nonfinite(y, ref):
-        return float("inf")
-    keep = ~bad
-    return rel_error(y[keep], ref[keep]) if bool(keep.any()) else None
 
 
 @contextlib.contextmanager
@@ -428,26 +363,13 @@ def _convert_onnx_model(model: Any, to: str, example_inputs: Any, include: Any, 
                         *, inplace: bool, strict: bool, leaf_modules: Any,
                         options: dict[str, Any], dry_run: bool, check: bool
                         ) -> ConversionResult:
-    """``convert`` of an ONNX model (:mod:`normsurgeon.frontends.onnx_file`)."""
-    from .frontends.onnx_file import convert_onnx
+    """``convert`` of an ONNX model (:func:`normsurgeon.frontends.onnx_file.convert_onnx_model`,
+    which needs no torch)."""
+    from .frontends.onnx_file import convert_onnx_model
 
-    get_transform(to)
-    accepted = {"input_shapes", "allow_overridable_initializers"}
-    unknown = sorted(set(options) - accepted)
-    if to != "fold":
-        raise TypeError(f"to={to!r} needs an nn.Module: an ONNX model is folded (to='fold')")
-    if inplace and not dry_run:
-        raise TypeError("inplace=True: an ONNX model is never modified; a new one is returned")
-    if leaf_modules:
-        raise TypeError("leaf_modules applies to nn.Module tracing, not to an ONNX model")
-    if unknown:
-        raise TypeError(f"an ONNX fold does not take {', '.join(unknown)}; it takes: "
-                        f"{', '.join(sorted(accepted))}")
-    new, report = convert_onnx(model, example_inputs=example_inputs,
-                               include=_patterns(include, "include"),
-                               exclude=_patterns(exclude, "exclude"), strict=strict,
-                               check=check, dry_run=dry_run, **options)
-    return ConversionResult(new, report)
+    return convert_onnx_model(model, to, example_inputs, include, exclude, inplace=inplace,
+                              strict=strict, leaf_modules=leaf_modules, options=options,
+                              dry_run=dry_run, check=check)
 
 
 def _validate_model(model: nn.Module, transform: Any) -> None:
@@ -582,55 +504,6 @@ def _self_check(original: nn.Module | None, work: nn.Module, transform: Any,
           bar=1e-5 if transform.name == "fold" else 1e-6,
           noise=(lambda: _fp64_noise(original, inputs, ref_out)) if original is not None
           else None, what="the converted model", culprits=culprits)
-
-
-def judge(rel: float, ref: Any, report: ConversionReport, *, check: bool, half: bool,
-          bar: float, noise: Any = None, what: str = "the converted model",
-          culprits: Any = None) -> None:
-    """The verdict of every self-check (nn.Module, ExportedProgram and ONNX front ends, one
-    rule): record ``report.max_rel_error`` and ``report.bar``, and raise
-    :class:`ConversionMismatchError` (unless ``check`` is False: then a warning) when
-
-    * nothing finite was compared (``rel`` is NaN and the original's output has no finite
-      entry): agreement on nothing is no agreement;
-    * ``rel`` is above the bar of docs/bars.md: ``bar`` (1e-5 folds, 1e-6 CBN/RBN), 1e-2 when
-      the model computes in fp16/bf16 (``half``), or 4x the original's own fp32-vs-float64
-      error (``noise()``, asked only when the fixed bar is exceeded) where that is larger;
-    * ``rel`` is NaN while the original's output is finite somewhere.
-
-    ``culprits()`` (optional) names the sites responsible, for the message."""
-    if rel != rel and not _has_finite(ref):
-        msg = ("the self-check compared nothing: the original's output on the example inputs "
-               "is empty or not finite anywhere (all NaN/inf, or a batch of 0), so agreement "
-               "cannot be measured; pass example inputs on which it gives finite outputs "
-               "(check=False returns the result unchecked)")
-        if check:
-            raise ConversionMismatchError(msg, rel=rel, report=report)
-        log.warning("%s", msg)
-        return
-    report.max_rel_error = rel
-    bar = 1e-2 if half else bar
-    if rel > bar and noise is not None:
-        bar = max(bar, 4 * noise())
-    report.bar = bar
-    if rel > bar or rel != rel:
-        msg = (f"{what} differs from the original by rel {rel:.3e} on the example inputs, "
-               f"above the bar {bar:.1e} (docs/bars.md)")
-        if check:
-            sites = culprits() if culprits is not None else []
-            where = (f"; responsible: {', '.join(sites)} (exclude= them to convert the rest)"
-                     if sites else "; pass exclude= to find the site")
-            raise ConversionMismatchError(
-                msg + where + ". This is a normsurgeon bug: please report it; check=False "
-                "returns the result anyway", rel=rel, bar=bar, report=report, sites=sites)
-        log.warning("%s", msg)
-
-
-def _has_finite(ref_out: Any) -> bool:
-    """Whether the original's output has a finite entry: then a NaN comparison is the converted
-    model going non-finite there (a mismatch), else there was nothing finite to compare."""
-    return any(bool(torch.isfinite(t).any()) for t in tree_leaves(ref_out)
-               if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def _fp64_noise(model: nn.Module, inputs: tuple[Any, ...], ref_out: Any) -> float:

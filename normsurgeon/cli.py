@@ -228,10 +228,10 @@ def _example(model: Any, args: tuple[Any, ...]) -> None:
 
 def _writable(path: str) -> None:
     """``-o PATH`` must be writable: a UsageError saying why not, before any work."""
-    from .onnx.export import _check_writable
+    from ._io import check_writable
 
     try:
-        _check_writable(path)
+        check_writable(path)
     except ValueError as e:
         raise UsageError(f"-o {path}: {e}") from None
 
@@ -438,13 +438,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    """Fold the BatchNorms of a file (a ``.pt2`` program) into a new file."""
-    import torch
-
-    import normsurgeon as ns
-
-    from ._io import atomic_path
-
+    """Fold the BatchNorms of a file (a ``.pt2`` program or an ``.onnx`` file) into a new file
+    (an ONNX file without importing torch)."""
     src, out = args.input, args.output
     onnx_file = src.endswith(".onnx")
     if not is_program(src) and not onnx_file:
@@ -460,6 +455,12 @@ def cmd_fold(args: argparse.Namespace) -> int:
     _writable(out)
     if onnx_file:
         return _fold_onnx(args, src, out)
+    import torch
+
+    import normsurgeon as ns
+
+    from ._io import atomic_path
+
     ep = load_program(src)
     example = None
     if args.input_shape:
@@ -497,9 +498,12 @@ def _named_shapes(texts: list[str] | None) -> tuple[dict[str, tuple[int, ...]], 
 
 
 def _fold_onnx(args: argparse.Namespace, src: str, out: str) -> int:
-    import normsurgeon as ns
-
-    from .frontends.onnx_file import _uses_external_data, load_onnx, save_onnx
+    from .frontends.onnx_file import (
+        _uses_external_data,
+        convert_onnx_model,
+        load_onnx,
+        save_onnx,
+    )
 
     try:
         model = load_onnx(src)
@@ -521,9 +525,10 @@ def _fold_onnx(args: argparse.Namespace, src: str, out: str) -> int:
                          f"take (inputs: {', '.join(i.name for i in model.graph.input)})")
     sel = _selection(args)
     with progress("folding"):
-        folded, report = ns.convert_with_report(
-            model, "fold", check=not args.no_check, input_shapes=named or None,
-            allow_overridable_initializers=args.allow_overridable_initializers, **sel)
+        folded, report = convert_onnx_model(  # what ns.convert_with_report calls
+            model, "fold", check=not args.no_check, options={
+                "input_shapes": named or None,
+                "allow_overridable_initializers": args.allow_overridable_initializers}, **sel)
     save_onnx(folded, out, external=True if _uses_external_data(model) else None)
     print(report.to_json(indent=2) if args.json else report.table())
     print(f"wrote {out}")

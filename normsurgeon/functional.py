@@ -5,8 +5,11 @@ Eval-mode BatchNorm is a per-channel affine map (docs/math.md):
 .. math::  y = s \odot x + t, \quad s = \gamma / \sqrt{\sigma^2_{run} + \epsilon},
            \quad t = \beta - \mu_{run} \odot s
 
-Every fold below is computed in float64 and cast back to the dtype *and strides* of the
-parameter it replaces, so channels_last weights stay channels_last.
+The fold math itself lives in :mod:`normsurgeon.foldmath` (written once for torch tensors and
+numpy arrays) and the error measure in :mod:`normsurgeon.verdict`; both are re-exported here.
+This module adds the torch-only parts: the blocked float64 kernel that scales Conv/Linear
+weights (cast back to the dtype *and strides* of the parameter it replaces, so channels_last
+weights stay channels_last), and the batch moments of recalibration.
 """
 
 from __future__ import annotations
@@ -21,6 +24,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .foldmath import (
+    bn_scale_shift,
+    bn_scale_shift_many,
+    cast_like,
+    fold_bn_conv,
+    fold_bn_linear,
+    fold_conv_bn,
+    fold_conv_transpose_bn,
+    fold_linear_bn,
+    fold_weights,
+)
+from .verdict import rel_error, same_nonfinite
+
 __all__ = [
     "bn_scale_shift",
     "bn_scale_shift_many",
@@ -33,62 +49,10 @@ __all__ = [
     "rel_error",
     "same_nonfinite",
     "float64_workspace",
+    "fold_weights",
+    "channel_moments",
+    "merge_moments",
 ]
-
-
-def bn_scale_shift(
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    r"""Return ``(s, t)`` in float64 with ``s = γ / sqrt(var + eps)`` and ``t = β − μ·s``.
-
-    ``γ = 1`` and ``β = 0`` when ``weight`` / ``bias`` are ``None`` (``affine=False``).
-    """
-    return bn_scale_shift_many([(running_mean, running_var, eps, weight, bias)])[0]
-
-
-def bn_scale_shift_many(
-    stats: list[tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]],
-) -> list[tuple[Tensor, Tensor]]:
-    """:func:`bn_scale_shift` for many BatchNorms at once (``(running_mean, running_var, eps,
-    weight, bias)`` each, one device): a dozen tensor ops in all instead of a dozen per BN.
-    ``s = rsqrt(var + ε)·γ`` and ``t = −μ·s + β`` in float64; a missing γ/β enters as exactly
-    1/0."""
-    if not stats:
-        return []
-    sizes = [int(m.numel()) for m, *_ in stats]
-
-    def flat(ts: list[Tensor]) -> Tensor:
-        with torch.no_grad():  # one cat; only the rare non-1-D tensor pays a reshape
-            return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in ts]).to(
-                torch.float64)
-
-    mean = flat([m for m, *_ in stats])
-    var = flat([v for _, v, *_ in stats])
-    eps = torch.tensor([float(e) for _, _, e, *_ in stats], dtype=torch.float64,
-                       device=mean.device).repeat_interleave(torch.tensor(sizes,
-                                                                          device=mean.device))
-    weight = flat([w if w is not None else torch.ones_like(m) for m, _, _, w, _ in stats])
-    bias = flat([b if b is not None else torch.zeros_like(m) for m, _, _, _, b in stats])
-    s = torch.rsqrt(var + eps) * weight
-    t = -mean * s + bias
-    return list(zip(s.split(sizes), t.split(sizes)))
-
-
-def cast_like(value: Tensor, ref: Tensor) -> Tensor:
-    """Cast ``value`` to ``ref``'s dtype and device, and copy it into ``ref``'s exact strides."""
-    out = torch.empty_strided(ref.size(), ref.stride(), dtype=ref.dtype, device=ref.device)
-    out.copy_(value.detach())
-    return out
-
-
-def _bias64(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
-    if bias is None:
-        return torch.zeros(n, dtype=torch.float64, device=like.device)
-    return bias.detach().to(torch.float64)
 
 
 def _scaled(weight: Tensor, scale: Tensor, like: Tensor | None) -> Tensor:
@@ -223,122 +187,6 @@ def _work_buffer(n: int, device: torch.device) -> Tensor:
 
 
 _BLOCK = 1 << 18  # elements per float64 block (2 MiB: L2-L3 sized; fewer Python-level ops)
-
-
-def _finish(b: Tensor, like: Tensor | None) -> Tensor:
-    return b if like is None else b.to(like.dtype)
-
-
-def fold_conv_bn(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, *, like: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    r"""Conv → BN: ``W'[o] = W[o]·s[o]``, ``b' = s·b + t`` (exact for any stride/padding/groups).
-
-    ``weight`` is (Cout, Cin/g, k...). Computed in float64; returned in float64, or in ``like``'s
-    dtype (and strides, for W') when given, rounded once from the float64 product.
-    """
-    shape = (-1,) + (1,) * (weight.dim() - 1)
-    w = _scaled(weight, s.reshape(shape), like)
-    b = s * _bias64(bias, s.numel(), s) + t
-    return w, _finish(b, like)
-
-
-def fold_conv_transpose_bn(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, groups: int
-) -> tuple[Tensor, Tensor]:
-    r"""ConvTranspose → BN.
-
-    ``W`` is (Cin, Cout/g, k...). Output channel ``o = g_idx·(Cout/g) + j`` lives at
-    ``W[g_idx·(Cin/g) + i, j]``; so view W as (g, Cin/g, Cout/g, k...) and multiply by ``s``
-    viewed (g, 1, Cout/g, 1...). ``b' = s·b + t``.
-    """
-    cin, cout_g = weight.shape[0], weight.shape[1]
-    k = tuple(weight.shape[2:])
-    w = weight.detach().to(torch.float64).reshape((groups, cin // groups, cout_g) + k)
-    w = w * s.reshape((groups, 1, cout_g) + (1,) * len(k))
-    b = s * _bias64(bias, s.numel(), s) + t
-    return w.reshape(weight.shape), b
-
-
-def fold_linear_bn(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, *, like: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    r"""Linear → BatchNorm1d on a 2-D (N, F) tensor: ``W'[o,:] = W[o,:]·s[o]``, ``b' = s·b + t``."""
-    return fold_conv_bn(weight, bias, s, t, like=like)
-
-
-def fold_bn_conv(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor, groups: int
-) -> tuple[Tensor, Tensor]:
-    r"""BN → Conv (BN *before* the conv): ``W'[o,i] = W[o,i]·s[c(o,i)]``,
-    ``b'[o] = b[o] + Σ_{i,k} W[o,i,k]·t[c(o,i)]`` with the group-aware input channel
-    ``c(o,i) = (o // (Cout/g))·(Cin/g) + i``.
-
-    Exact only when the conv never reads padded zeros that the BN would have shifted
-    (padding 0, a non-zero padding mode, or ``t == 0``); the caller checks that.
-    """
-    cout, cin_g = weight.shape[0], weight.shape[1]
-    cout_g = cout // groups
-    k = tuple(weight.shape[2:])
-    w64 = weight.detach().to(torch.float64)
-    # s_oi[o, i] = s[c(o, i)]
-    s_g = s.reshape(groups, 1, cin_g).expand(groups, cout_g, cin_g).reshape(cout, cin_g)
-    t_g = t.reshape(groups, 1, cin_g).expand(groups, cout_g, cin_g).reshape(cout, cin_g)
-    ones = (1,) * len(k)
-    w = w64 * s_g.reshape((cout, cin_g) + ones)
-    b = _bias64(bias, cout, s) + (w64 * t_g.reshape((cout, cin_g) + ones)).sum(
-        dim=tuple(range(1, w64.dim()))
-    )
-    return w, b
-
-
-def fold_bn_linear(
-    weight: Tensor, bias: Tensor | None, s: Tensor, t: Tensor
-) -> tuple[Tensor, Tensor]:
-    r"""BN → Linear on a 2-D input: ``W'[:, i] = W[:, i]·s[i]``, ``b' = b + W·t``."""
-    w64 = weight.detach().to(torch.float64)
-    return w64 * s.reshape(1, -1), _bias64(bias, weight.shape[0], s) + w64 @ t
-
-
-def rel_error(y: Tensor, ref: Tensor) -> float:
-    r"""``max|y − ref| / max(max|ref|, 1e-12)`` (docs/bars.md), computed in float64."""
-    y64, r64 = y.detach().to(torch.float64), ref.detach().to(torch.float64)
-    if r64.numel() == 0:
-        return 0.0
-    return float((y64 - r64).abs().max() / max(float(r64.abs().max()), 1e-12))
-
-
-def same_nonfinite(y: Tensor, ref: Tensor) -> bool:
-    """``y`` is non-finite exactly where ``ref`` is: NaN in the same places and the same ±inf
-    (same shapes assumed). Where a model's own output overflows, a conversion or a file that
-    agrees with it is compared on the finite entries only."""
-    bad = ~torch.isfinite(ref)
-    return torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(
-        torch.where(torch.isnan(ref), 0, y)[bad], torch.where(torch.isnan(ref), 0, ref)[bad])
-
-
-def fold_weights(kind: str, direction: str, weight: Tensor, bias: Tensor | None, s: Tensor,
-                 t: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
-    r"""``(W', b')`` of one fold, in the weight's dtype (and, for Conv/Linear → BN, its strides),
-    rounded once from float64: the one entry point every front end (nn.Module graphs,
-    ExportedPrograms, ONNX files) uses.
-
-    ``kind``: ``"conv"``, ``"convtranspose"`` or ``"linear"``; ``direction``: ``"producer"``
-    (the layer, then BN) or ``"consumer"`` (BN, then the layer). BN → ConvTranspose has no
-    exact fold and raises ``ValueError``.
-    """
-    if direction == "producer":
-        if kind == "convtranspose":
-            w, b = fold_conv_transpose_bn(weight, bias, s, t, groups)
-            return cast_like(w, weight), b.to(weight.dtype)
-        return fold_conv_bn(weight, bias, s, t, like=weight)
-    if kind == "conv":
-        w, b = fold_bn_conv(weight, bias, s, t, groups)
-    elif kind == "linear":
-        w, b = fold_bn_linear(weight, bias, s, t)
-    else:
-        raise ValueError(f"no exact fold of BatchNorm before a {kind}")
-    return cast_like(w, weight), b.to(weight.dtype)
 
 
 def channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:

@@ -148,3 +148,20 @@ class ConversionReport:
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)
 
+
+@dataclass
+class ConversionResult:
+    """What :func:`normsurgeon.convert_with_report` returns: the converted model (an
+    ``nn.Module``, ``ExportedProgram`` or ``onnx.ModelProto``) and its report."""
+
+    model: Any
+    report: ConversionReport
+
+    def __iter__(self):  # allows ``model, report = convert_with_report(...)``
+        return iter((self.model, self.report))
+
+    def __getitem__(self, i: int) -> Any:  # ... and ``convert_with_report(...)[1]``
+        return (self.model, self.report)[i]
+
+    def __len__(self) -> int:
+        return 2

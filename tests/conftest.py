@@ -58,12 +58,12 @@ def _seed() -> None:
 def wrong_fold(monkeypatch):
     """Make the one fold-math entry point 1% wrong in its weights: every front end's self-check
     must then refuse the result."""
-    from normsurgeon import functional
+    from normsurgeon import foldmath
 
-    real = functional.fold_weights
+    real = foldmath.fold_weights
 
     def wrong(*a, **k):
         w, b = real(*a, **k)
         return w * 1.01, b
 
-    monkeypatch.setattr(functional, "fold_weights", wrong)
+    monkeypatch.setattr(foldmath, "fold_weights", wrong)

@@ -369,3 +369,54 @@ def test_free_cores_reads_this_machine():
     import os
 
     assert free <= len(os.sched_getaffinity(0))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([("conv", "producer"), ("conv", "consumer"), ("convtranspose", "producer"),
+                        ("linear", "producer"), ("linear", "consumer")]),
+       st.sampled_from([1, 2, 3]), st.sampled_from([1, 2]),
+       st.sampled_from([torch.float32, torch.float16, torch.float64]), st.booleans(),
+       st.booleans(), st.integers(0, 999))
+def test_numpy_arrays_fold_like_torch_tensors(kind_dir, k, groups, dtype, bias, affine, seed):
+    """The ONNX front end hands the same math numpy arrays (normsurgeon.arrays): (s, t) agree
+    to 2 ulp of float64 (torch.rsqrt vs 1/sqrt), and the same (s, t) give the same rounded
+    weights bit for bit, with biases (a float64 sum, maybe in another order) within 1 ulp of
+    their dtype or 1e-13 of their size; the inputs are never written."""
+    import numpy as np
+
+    from normsurgeon import foldmath
+
+    kind, direction = kind_dir
+    g = torch.Generator().manual_seed(seed)
+    if kind == "linear":
+        groups, shape, c = 1, (6, 4), 6 if direction == "producer" else 4
+    elif kind == "convtranspose":
+        shape, c = (2 * groups, 3, k, k), 3 * groups
+    else:
+        shape = (2 * groups, 3, k, k)
+        c = 2 * groups if direction == "producer" else 3 * groups
+    w = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(shape[0] if kind != "convtranspose" else c, generator=g,
+                    dtype=torch.float64).to(dtype) if bias else None
+    mean = torch.randn(c, generator=g)
+    var = torch.rand(c, generator=g) + 0.1
+    gamma = torch.randn(c, generator=g) if affine else None
+    beta = torch.randn(c, generator=g) if affine else None
+    n = [None if x is None else x.numpy().copy() for x in (w, b, mean, var, gamma, beta)]
+    before = [None if x is None else x.copy() for x in n]
+    s, t = foldmath.bn_scale_shift(mean, var, 1e-5, gamma, beta)
+    s_np, t_np = foldmath.bn_scale_shift(n[2], n[3], 1e-5, n[4], n[5])
+    assert isinstance(s_np, np.ndarray) and s_np.dtype == np.float64
+    np.testing.assert_allclose(s_np, s.numpy(), rtol=5e-16, atol=0)
+    np.testing.assert_allclose(t_np, t.numpy(), rtol=5e-16, atol=1e-300)
+    w2, b2 = foldmath.fold_weights(kind, direction, w, b, s, t, groups)
+    w2n, b2n = foldmath.fold_weights(kind, direction, n[0], n[1], s.numpy(), t.numpy(), groups)
+    assert isinstance(w2n, np.ndarray) and w2n.dtype == n[0].dtype and w2n.shape == shape
+    assert b2n.dtype == n[0].dtype
+    assert np.array_equal(w2n.view(f"u{w2n.itemsize}"), w2.numpy().view(f"u{w2n.itemsize}"))
+    ref = b2.numpy().astype(np.float64)
+    ulp = np.spacing(np.abs(ref).astype(b2n.dtype)).astype(np.float64)
+    sums = 1e-13 * max(1.0, float(np.abs(ref).max()))  # float64 sums in another order
+    assert (np.abs(b2n.astype(np.float64) - ref) <= np.maximum(ulp, sums)).all()
+    for x, x0 in zip(n, before):
+        assert x is None or np.array_equal(x, x0)

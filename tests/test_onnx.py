@@ -449,7 +449,7 @@ def test_graph_checks_on_the_weight_free_view_still_catch_errors(tmp_path):
         _check(bad)
     big.raw_data = full
     _check(bad)  # restored: passes again
-    from normsurgeon.onnx.export import _raw_data_len
+    from normsurgeon.onnx.proto import _raw_data_len
 
     for t in res.model.graph.initializer:
         assert _raw_data_len(t) == len(t.raw_data)

@@ -406,3 +406,26 @@ def test_a_bare_matmul_takes_one_side_only():
     assert "other side" in next(r.reason for r in rep if r.action == "skipped")
     x = RNG.standard_normal((4, 3)).astype(np.float32)
     assert rel(run(new, {"x": x})[0], run(m, {"x": x})[0]) <= 1e-5
+
+
+def test_cli_fold_of_an_onnx_file_never_imports_torch(tmp_path):
+    """The ONNX path (planner, math, check on onnxruntime) runs on numpy: the command starts in
+    a fraction of torch's import time, and `--help` needs no torch either."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "m.onnx"
+    onnx.save_model(conv_bn_model(), src)
+    probe = ("import sys; from normsurgeon.cli import main; rc = main(sys.argv[1:]); "
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    for extra in ([], ["--no-check"]):
+        out = subprocess.run([sys.executable, "-c", probe, "fold", str(src), "-o",
+                              str(tmp_path / "f.onnx"), *extra],
+                             capture_output=True, text=True, check=True).stdout
+        assert "1 folded" in out and out.strip().endswith("NO-TORCH 0"), out
+    assert bn_count(onnx.load(str(tmp_path / "f.onnx"))) == 0
+    helped = subprocess.run([sys.executable, "-c", "import sys\nfrom normsurgeon.cli import main\n"
+                             "try:\n    main(['fold', '--help'])\nexcept SystemExit:\n    pass\n"
+                             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"],
+                            capture_output=True, text=True, check=True).stdout
+    assert helped.strip().endswith("NO-TORCH")

@@ -393,16 +393,16 @@ class BadRule(nn.Module):
 
 
 def test_self_check_raises_on_a_wrong_result(monkeypatch):
-    from normsurgeon import functional
+    from normsurgeon import foldmath
 
-    real = functional.fold_conv_bn
+    real = foldmath.fold_conv_bn
 
     def wrong(weight, bias, s, t, *, like=None):
         w, b = real(weight, bias, s, t, like=like)
         return w, b + 1  # a planted bug
-    monkeypatch.setattr(functional, "fold_conv_bn", wrong)
+    monkeypatch.setattr(foldmath, "fold_conv_bn", wrong)
     model = prep(nn.Sequential(BadRule(), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4)))
-    monkeypatch.setattr(functional, "fold_conv_bn", lambda w, b, s, t, *, like=None: (
+    monkeypatch.setattr(foldmath, "fold_conv_bn", lambda w, b, s, t, *, like=None: (
         wrong(w, b, s, t, like=like) if w.shape[0] == 8 else real(w, b, s, t, like=like)))
     with pytest.raises(ns.ConversionMismatchError, match="rel") as info:
         ns.convert(model, example_inputs=X)

@@ -11,7 +11,7 @@ are user inputs (or computed) has not. ``node.meta["val"]`` gives every tensor's
   ``permute``/``t`` of the weight, ``_native_batch_norm_legit_no_training`` and its ``getitem``.
 
 Deciding. :func:`normsurgeon.rules.plan.decide`, the planner the ``nn.Module`` path uses, on
-the facts read here; the math is :func:`normsurgeon.functional.fold_weights`.
+the facts read here; the math is :func:`normsurgeon.foldmath.fold_weights`.
 
 Writing back. A new program: a copy of the graph in which each folded BN is gone, each folded
 layer reads its new weight (under the layer's own fully qualified name, so the state_dict keys
@@ -39,7 +39,6 @@ import torch.export.exported_program as _ep_module
 import torch.fx as fx
 from torch import Tensor, nn
 from torch.export import ExportedProgram
-from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.export.graph_signature import (
     ExportGraphSignature,
     InputKind,
@@ -47,8 +46,9 @@ from torch.export.graph_signature import (
     OutputSpec,
     TensorArgument,
 )
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from .. import functional as Fn
+from .. import foldmath as Fn
 from ..errors import ConversionMismatchError, StrictModeError
 from ..report import Action, ConversionReport, SiteRecord
 from ..rules.base import BNSite

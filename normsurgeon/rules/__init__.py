@@ -1,40 +1,26 @@
-"""The transform registry: ``to=`` in :func:`normsurgeon.convert` and ``--to`` in the CLI both
-read their choices from here."""
+"""Rules: the transform registry (:mod:`.registry`: ``to=`` in :func:`normsurgeon.convert`
+and ``--to`` in the CLI), the fold planner (:mod:`.plan`, :mod:`.stats`) and the fx rules.
+
+Names resolve on first use (PEP 562): the registry, ``.plan`` and ``.stats`` import no torch,
+so the command line's ``--help`` and the ONNX front end start without importing torch."""
 
 from __future__ import annotations
 
-from ..errors import UnknownTransformError
-from .base import BNSite, Context, Decision, Rule, Transform
-from .fold import FOLD_RULES, FoldTransform
-from .replace import CBNTransform, RBNTransform
+from typing import Any
+
+from .registry import TRANSFORMS, available, get_transform, register
 
 __all__ = ["TRANSFORMS", "register", "get_transform", "available", "Rule", "Transform",
            "BNSite", "Context", "Decision", "FOLD_RULES"]
 
-TRANSFORMS: dict[str, type[Transform]] = {}
 
+def __getattr__(name: str) -> Any:
+    if name in ("Rule", "Transform", "BNSite", "Context", "Decision"):
+        from . import base
 
-def register(cls: type[Transform]) -> type[Transform]:
-    """Class decorator / function: make ``cls`` available as ``to=cls.name``."""
-    TRANSFORMS[cls.name] = cls
-    return cls
+        return getattr(base, name)
+    if name == "FOLD_RULES":
+        from .fold import FOLD_RULES
 
-
-def available() -> list[str]:
-    """Names of the registered transforms, in registration order."""
-    return list(TRANSFORMS)
-
-
-def get_transform(name: str) -> type[Transform]:
-    """Look up a transform by name; the error lists the valid names."""
-    try:
-        return TRANSFORMS[name]
-    except (KeyError, TypeError):
-        raise UnknownTransformError(
-            f"unknown transform {name!r}; choose one of: {', '.join(TRANSFORMS)}"
-        ) from None
-
-
-register(FoldTransform)
-register(CBNTransform)
-register(RBNTransform)
+        return FOLD_RULES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

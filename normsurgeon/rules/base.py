@@ -22,114 +22,37 @@ from torch import Tensor, nn
 
 from ..report import Action, ConversionReport, SiteRecord
 from ..tracing import Region, is_batchnorm
+from .stats import BNStats, prime_scale_shift
 
 __all__ = ["BNSite", "Context", "Decision", "Rule", "Transform", "prime_scale_shift"]
 
 _BN_SIG = inspect.signature(F.batch_norm)
 
 
-@dataclass
-class BNSite:
-    """One BatchNorm application found in a traced region: a module call or ``F.batch_norm``."""
+@dataclass(kw_only=True)
+class BNSite(BNStats):
+    """One BatchNorm application found in a traced region: a module call or ``F.batch_norm``
+    (its statistics, and the rules on them, are :class:`~normsurgeon.rules.stats.BNStats`)."""
 
     name: str
     kind: str
     node: fx.Node | None
     region: Region | None
     module: nn.Module | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    weight: Tensor | None
-    bias: Tensor | None
-    eps: float
-    uses_batch_stats: bool
     input_node: fx.Node | None
     # a child of the BN module that must take its place when it is folded (the activation of a
     # norm+act layer); set by the behaviour check
     keep_child: str | None = None
-    _scale_shift: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
-    # set by prime_scale_shift when it proved these for the whole batch at once
-    _finite: bool = field(default=False, repr=False)
-    _max_abs_s: float | None = field(default=None, repr=False)
 
-    @property
-    def num_features(self) -> int:
-        ref = self.running_mean if self.running_mean is not None else self.weight
-        if ref is not None:
-            return int(ref.numel())
+    def _declared_features(self) -> int:
         return int(getattr(self.module, "num_features", -1))
 
-    def stats_problem(self) -> str | None:
-        """Why this BN's eval map is not a fixed affine map, or ``None`` when it is."""
-        if self._finite:
-            return None
-        if not self.uses_batch_stats and self.running_mean is not None and (
-                self.running_var is not None):
-            sizes = {int(t.numel()) for t in (self.running_mean, self.running_var, self.weight,
-                                              self.bias) if t is not None}
-            if len(sizes) > 1:
-                return (f"running_mean, running_var, weight and bias disagree in size "
-                        f"({sorted(sizes)}): not a per-channel BatchNorm")
-            # finite s = γ/sqrt(var+ε) and t = β − μ·s (float64) <=> finite μ, γ, β and
-            # var + ε > 0 (rsqrt of a non-positive number is inf or nan): one test for all
-            s, t = self.scale_shift()
-            if bool(torch.isfinite(torch.cat((s, t))).all()):
-                return None
-        if self.uses_batch_stats:
-            if self.module is not None and self.module.training:
-                return "BatchNorm is in training mode (uses batch statistics)"
-            if self.module is not None and not getattr(self.module, "track_running_stats", True):
-                return "track_running_stats=False: it always normalizes with batch statistics"
-            return "uses batch statistics (training=True)"
-        if self.running_mean is None or self.running_var is None:
-            return "has no running statistics"
-        if not (torch.isfinite(self.running_mean).all() and torch.isfinite(self.running_var).all()):
-            return "running statistics are not finite"
-        if not bool(((self.running_var.double() + self.eps) > 0).all()):
-            return "running_var + eps is not positive"
-        for t, what in ((self.weight, "weight"), (self.bias, "bias")):
-            if t is not None and not torch.isfinite(t).all():
-                return f"{what} is not finite"
-        return None
-
-    def scale_shift(self) -> tuple[Tensor, Tensor]:
-        """``(s, t)`` of docs/math.md in float64 (computed once per site)."""
-        from ..functional import bn_scale_shift
-
-        if self._scale_shift is None:
-            assert self.running_mean is not None and self.running_var is not None  # checked
-            self._scale_shift = bn_scale_shift(self.running_mean, self.running_var, self.eps,
-                                               self.weight, self.bias)
-        return self._scale_shift
-
-
-def prime_scale_shift(sites: list[BNSite]) -> None:
-    """Compute ``(s, t)`` for every site with running statistics in one batched pass per
-    device (see :func:`normsurgeon.functional.bn_scale_shift_many`); sites keep them."""
-    from ..functional import bn_scale_shift_many
-
-    by_device: dict[torch.device, list[BNSite]] = {}
-    for site in sites:
-        if (site._scale_shift is None and not site.uses_batch_stats
-                and site.running_mean is not None and site.running_var is not None
-                and len({int(t.numel()) for t in (site.running_mean, site.running_var,
-                                                   site.weight, site.bias)
-                         if t is not None}) == 1):
-            by_device.setdefault(site.running_mean.device, []).append(site)
-    for group in by_device.values():
-        stats = [(x.running_mean, x.running_var, x.eps, x.weight, x.bias) for x in group]
-        results = bn_scale_shift_many(stats)  # type: ignore[arg-type]
-        for site, st in zip(group, results):
-            site._scale_shift = st
-        # the usual case, proved once for all: every s, t finite and every |s| < 1e30
-        s_all = torch.cat([s for s, _ in results])
-        t_all = torch.cat([t for _, t in results])
-        if bool(torch.isfinite(s_all).all()) and bool(torch.isfinite(t_all).all()):
-            top = float(s_all.abs().max()) if s_all.numel() else 0.0
-            for site in group:
-                site._finite = True
-                if top < 1e30:
-                    site._max_abs_s = top  # an upper bound is all check() needs
+    def batch_stats_problem(self) -> str:
+        if self.module is not None and self.module.training:
+            return "BatchNorm is in training mode (uses batch statistics)"
+        if self.module is not None and not getattr(self.module, "track_running_stats", True):
+            return "track_running_stats=False: it always normalizes with batch statistics"
+        return "uses batch statistics (training=True)"
 
 
 def _kind(m: nn.Module) -> str:

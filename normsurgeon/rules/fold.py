@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .. import functional as Fn
+from .. import foldmath as Fn
 from ..report import Action, SiteRecord
 from ..tracing import path_problem, value_users
 from .base import BNSite, Context, Decision, Rule, Transform

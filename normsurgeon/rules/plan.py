@@ -6,10 +6,12 @@ its neighbouring Conv / ConvTranspose / Linear), answers questions about its own
 reads this tensor? is this weight read elsewhere? which ranks can this tensor have?) and
 records the answers in :class:`FoldFacts`. :func:`decide` holds every rule of *when a fold is
 exact* (docs/folding.md) and knows no graph library, so a soundness fix lands here once and
-holds for every front end; the math is :func:`normsurgeon.functional.fold_weights`.
+holds for every front end; the math is :func:`normsurgeon.foldmath.fold_weights`.
 
 A fact is a value, or a zero-argument callable computing it (costly answers are only asked
-for when the earlier rules have passed).
+for when the earlier rules have passed). Tensors here are torch tensors or numpy arrays
+(:mod:`normsurgeon.arrays`): the module imports no graph library and not torch, so the ONNX
+front end uses it without importing torch.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
+from ..arrays import all_finite
+
+Tensor = Any  # a torch.Tensor or a numpy array (:mod:`normsurgeon.arrays`): no torch import
 
 __all__ = ["FoldFacts", "decide", "decide_cat", "batched_problem", "two_dim_problem",
            "chain_problem"]
@@ -58,7 +61,7 @@ class FoldFacts:
     path: Lazy = None  # a traced edge that may not hold for every input
     risky: bool = False  # fp16/bf16, or a scale ≥ 1e30: the folded weights may overflow
     folded: Callable[[], tuple[Tensor, Tensor]] | None = None
-    weight_dtype: torch.dtype | None = None
+    weight_dtype: Any = None  # for messages
     result: tuple[Tensor, Tensor] | None = None  # (W', b') when the overflow test computed it
 
 
@@ -144,7 +147,7 @@ def decide(f: FoldFacts) -> str | None:
     # fp32/fp64 a finite weight times a scale below 1e30 cannot reach inf
     if f.risky and f.folded is not None:
         f.result = w, b = f.folded()
-        if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+        if not all_finite(w, b):
             return f"folded weights would overflow {f.weight_dtype}"
     return None
 
@@ -177,6 +180,6 @@ def decide_cat(cat_chain: Lazy, parts: list[FoldFacts], bn_features: int) -> str
     for f in parts:
         if f.risky and f.folded is not None:
             f.result = w, b = f.folded()
-            if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+            if not all_finite(w, b):
                 return f"folded weights would overflow {f.weight_dtype}"
     return None
