@@ -49,10 +49,17 @@ class Ops:
         return np.sum(x, axis=axis)
 
     def scaled(self, weight: Any, scale: Any, like: Any | None) -> Any:
-        """``weight · scale`` in float64; rounded once to ``like``'s dtype when given."""
+        """``weight · scale`` in float64; rounded once to ``like``'s dtype when given. One ufunc
+        call computing in float64 and writing ``like``'s dtype: numpy converts through small
+        internal buffers, so no float64 copy of the whole weight is made (that copy was 3/4
+        of a ResNet-50 file's fold time)."""
+        w = np.asarray(weight)
         with np.errstate(over="ignore", invalid="ignore"):
-            w = np.asarray(weight, dtype=np.float64) * scale
-            return w if like is None else w.astype(np.asarray(like).dtype)
+            if like is None:
+                return np.multiply(w, scale, dtype=np.float64)
+            out = np.empty(w.shape, dtype=np.asarray(like).dtype)
+            np.multiply(w, scale, out=out, dtype=np.float64, casting="unsafe")
+            return out
 
     def cast_like(self, value: Any, ref: Any) -> Any:
         """``value`` rounded once to ``ref``'s dtype (C order: ONNX stores no strides)."""

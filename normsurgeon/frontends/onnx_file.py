@@ -78,10 +78,16 @@ def save_onnx(model: Any, path: str | os.PathLike[str], external: bool | None = 
     from .._io import atomic_path
 
     path = os.fspath(path)
-    big = model.ByteSize() > 2_000_000_000 if external is None else external
-    if not big:
-        with atomic_path(path) as tmp:
-            onnx.save_model(model, tmp)
+    data = None
+    if not external:  # serialised once (measuring the size first cost a second pass)
+        try:
+            data = model.SerializeToString()
+        except Exception:  # noqa: BLE001 - protobuf refuses messages over 2 GB
+            if external is False:
+                raise
+    if data is not None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
         return
     location = os.path.basename(path) + ".data"
     data_path = os.path.join(os.path.dirname(os.path.abspath(path)), location)
