@@ -1,6 +1,7 @@
 """Folding BatchNormalization in ONNX files: normsurgeon vs the ONNX tools, in one run.
 
     python benchmarks/onnx_fold.py [--models resnet50 mobilenetv2_w1 densenet121] [--reps 5]
+                                   [--busy]
 
 Optional dependencies (benchmark only, never needed by normsurgeon):
 ``pip install onnxslim onnxsim onnxoptimizer`` (onnxscript comes with normsurgeon's onnx
@@ -15,12 +16,14 @@ statistics), and small hand-made graphs for the cases the tools are known to get
 
 Then times, side by side: the Python call of each tool on each large file (median of
 ``--reps``, after one warm-up), and command against command (``normsurgeon fold --no-check``
-vs ``onnxslim IN OUT``, fresh processes, start-up included).
+vs ``onnxslim IN OUT``, fresh processes, start-up included; with ``--busy`` also with every
+core kept busy).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -45,6 +48,18 @@ from onnx import TensorProto, helper, numpy_helper
 import normsurgeon as ns
 
 RNG = np.random.default_rng(0)
+
+
+def _busy_cores(seconds: float):  # noqa: ANN202 - benchmarks/fold.py's, loaded by path
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_ns_bench_fold", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fold.py"))
+    if spec is None or spec.loader is None:
+        return contextlib.nullcontext()
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.busy_cores(seconds)
 
 
 # --- tools -------------------------------------------------------------------------------------
@@ -236,6 +251,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "mobilenetv2_w1", "densenet121"])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--busy", action="store_true",
+                   help="also time the commands with every core busy (bounded background load)")
     args = p.parse_args()
     tools = _tools()
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, {os.cpu_count()} cores; "
@@ -278,25 +295,32 @@ def main() -> None:
                                                          "onnxslim")
         nsc = os.path.join(os.path.dirname(sys.executable), "normsurgeon")
         if os.path.exists(slim) and os.path.exists(nsc):
-            print(f"\nCommand against command (fresh processes, start-up included), median of "
-                  f"{args.reps} (s)")
-            for name in args.models:
-                src = os.path.join(d, f"{name}.onnx")
-                onnx.save_model(cases[name], src)
-                cmds = {"normsurgeon fold --no-check": [nsc, "fold", src, "-o",
-                                                        os.path.join(d, "ns.onnx"), "--no-check"],
-                        "onnxslim": [slim, src, os.path.join(d, "slim.onnx")]}
-                t: dict[str, list[float]] = {k: [] for k in cmds}
-                for _ in range(args.reps):
-                    for k, c in cmds.items():
-                        t0 = time.perf_counter()
-                        subprocess.run(c, check=True, capture_output=True)
-                        t[k].append(time.perf_counter() - t0)
-                med = {k: statistics.median(v) for k, v in t.items()}
-                print(f"  {name:<16} " + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
-                      + f"; ratio {med['normsurgeon fold --no-check'] / med['onnxslim']:.2f}")
+            loads = [("quiet", None)] + ([("busy", 600.0)] if args.busy else [])
+            for load, seconds in loads:
+                print(f"\nCommand against command (fresh processes, start-up included), {load} "
+                      f"cores, median of {args.reps} (s)")
+                with _busy_cores(seconds) if seconds else contextlib.nullcontext():
+                    _time_commands(args, cases, d, slim, nsc)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _time_commands(args: Any, cases: dict, d: str, slim: str, nsc: str) -> None:
+    for name in args.models:
+        src = os.path.join(d, f"{name}.onnx")
+        onnx.save_model(cases[name], src)
+        cmds = {"normsurgeon fold --no-check": [nsc, "fold", src, "-o",
+                                                os.path.join(d, "ns.onnx"), "--no-check"],
+                "onnxslim": [slim, src, os.path.join(d, "slim.onnx")]}
+        t: dict[str, list[float]] = {k: [] for k in cmds}
+        for _ in range(args.reps):
+            for k, c in cmds.items():
+                t0 = time.perf_counter()
+                subprocess.run(c, check=True, capture_output=True)
+                t[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        print(f"  {name:<16} " + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
+              + f"; ratio {med['normsurgeon fold --no-check'] / med['onnxslim']:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .errors import one_line as _one_line
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 
 
-NOTES: list[str] = []  # said on stderr after a command succeeds (an error stays one line)
+NOTES: list[str] = []  # said on stderr with -v after a command succeeds
 
 
 class UsageError(Exception):
@@ -103,7 +103,7 @@ def load_model(spec: str, weights: str | None = None, seed: int = 0) -> Any:
         raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
         model.load_state_dict(_read_state_dict(weights, model, spec))
-    if model.training:  # said, not done silently
+    if model.training:  # every ordinary factory does this: said with -v, never silent
         NOTES.append(f"{spec} returned a model in training mode; it was put in eval mode "
                      "(inference semantics) for conversion and export")
     return model.eval()
@@ -291,7 +291,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(report.table())
     left = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     print(f"\nBatchNorm modules left: {left}; output max relative difference: "
-          f"{report.max_rel_error:.2e} (bar {report.bar:.0e}, docs/bars.md); "
+          f"{report.max_rel_error:.2e} (bar {report.bar:.0e}: README, 'Exactness'); "
           f"took {report.seconds:.2f}s")
     return EXIT_OK
 
@@ -559,9 +559,10 @@ def _add_fold_command(sub: Any, choices: list[str]) -> None:
                     "atomically (an ONNX model with external data keeps it, next to OUT).",
         epilog="examples:\n  normsurgeon fold resnet50.pt2 -o resnet50_folded.pt2\n"
                "  normsurgeon fold model.onnx -o folded.onnx --input-shape input=8,3,224,224",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=_Formatter)
     p.add_argument("input", help="the .pt2 file (torch.export.save) or .onnx file")
-    p.add_argument("-o", "--output", required=True, help="the file to write (same kind)")
+    p.add_argument_group("required arguments").add_argument(
+        "-o", "--output", required=True, help="the file to write (same kind)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-check", action="store_true",
                    help="skip running both models on the check inputs")
@@ -655,12 +656,14 @@ def _add_recalibrate_command(sub: Any, choices: list[str]) -> None:
                     "layers normalizing with batch statistics and everything else in eval "
                     "mode; --exact: the fixed point, one pass per normalization depth. "
                     "Statistics are pooled over all the data (not averaged per batch).",
-        epilog="example: normsurgeon recalibrate mynet.py:build --weights pruned.pt "
-               "--data calib.npy --batch-size 64 -o recalibrated.pt")
+        epilog="example:\n  normsurgeon recalibrate mynet.py:build --weights pruned.pt "
+               "--data calib.npy --batch-size 64 -o recalibrated.pt",
+        formatter_class=_Formatter)
     p.add_argument("model", help="package.module:callable or path/to/file.py:callable")
-    p.add_argument("--data", required=True,
-                   help="calibration inputs (N, ...): a torch.save tensor (.pt), .npy or .npz")
-    p.add_argument("-o", "--output", required=True, help="the state_dict file to write (.pt)")
+    req = p.add_argument_group("required arguments")
+    req.add_argument("--data", required=True,
+                     help="calibration inputs (N, ...): a torch.save tensor (.pt), .npy or .npz")
+    req.add_argument("-o", "--output", required=True, help="the state_dict file to write (.pt)")
     p.add_argument("--weights", help="a state_dict file to load into the model first")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--num-batches", type=int, help="use at most this many batches")
@@ -672,9 +675,22 @@ def _add_recalibrate_command(sub: Any, choices: list[str]) -> None:
 
 
 def _add_export_commands(sub: Any, choices: list[str]) -> None:
-    p = sub.add_parser("export", help="convert, export to ONNX, optionally verify")
-    _add_model_args(p, [*choices, "none"])
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p = sub.add_parser(
+        "export", help="convert, export to ONNX, optionally verify",
+        description="Build the model (seeded), convert it with --to (none: export it as it "
+                    "is), export it to ONNX (CBN and RBN as single nodes of the normsurgeon "
+                    "domain that carry their ONNX function bodies, so stock onnxruntime runs "
+                    "them; --no-custom-ops: standard ops only) and, with --verify, compare the "
+                    "file with PyTorch on onnxruntime. MODEL may be a .pt2 program.",
+        epilog="examples:\n"
+               "  normsurgeon export pytorchcv.models.resnet:resnet18 --to fold "
+               "--input-shape 1,3,224,224 -o r18.onnx --verify\n"
+               "  normsurgeon export pytorchcv.models.resnet:resnet18 --to cbn --cond-dim 8 "
+               "--input-shape 1,3,224,224 -o r18_cbn.onnx\n"
+               "  normsurgeon export model.pt2 --to fold -o model.onnx",
+        formatter_class=_Formatter)
+    _add_model_args(p, [*choices, "none"], shape_required=True)
+    p._ns_required.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--no-custom-ops", action="store_true",
                    help="standard ONNX ops only (no normsurgeon domain)")
     p.add_argument("--verify", action="store_true", help="compare on onnxruntime")
@@ -691,17 +707,23 @@ def _add_export_commands(sub: Any, choices: list[str]) -> None:
                     "--to and options), run the ONNX file on onnxruntime with graph "
                     "optimisations off and on, on families of inputs (random, another batch, "
                     "x10, negated, zeros, x100; for CBN extreme conditions and every label), "
-                    "and compare every output with PyTorch (docs/bars.md). Exit 0: all within "
-                    "the bar; 1: a mismatch; 2: bad usage.")
+                    "and compare every output with PyTorch (the bars: README, 'Exactness'). "
+                    "Exit 0: all within the bar; 1: a mismatch; 2: bad usage.",
+        epilog="example (after the export example of `normsurgeon export --help`):\n"
+               "  normsurgeon verify r18_cbn.onnx --model pytorchcv.models.resnet:resnet18 "
+               "--to cbn --cond-dim 8 --input-shape 1,3,224,224",
+        formatter_class=_Formatter)
+    req = p.add_argument_group("required arguments")
     p.add_argument("onnx_file", help="the .onnx file written by `normsurgeon export`")
-    p.add_argument("--model", required=True,
-                   help="package.module:callable, path/to/file.py:callable or model.pt2 "
-                        "(as for export)")
+    req.add_argument("--model", required=True,
+                     help="package.module:callable, path/to/file.py:callable or model.pt2 "
+                          "(as for export)")
     p.add_argument("--to", default="fold", choices=[*choices, "none"],
-                   help="the transform the file was exported with (default: fold)")
-    p.add_argument("--input-shape",
-                   help="example input shape, e.g. 1,3,224,224 (its batch and one more run); "
-                        "required, except for a .pt2 program that holds example inputs")
+                   help="the --to the file was exported with (default: fold; none: the model "
+                        "as it is)")
+    req.add_argument("--input-shape",
+                     help="example input shape, e.g. 1,3,224,224 (its batch and one more run); "
+                          "not needed for a .pt2 program that holds example inputs")
     p.add_argument("--weights", help="the state_dict given to export, if any")
     p.add_argument("--seed", type=int, default=0, help="the --seed given to export (default 0)")
     p.add_argument("--cond-dim", type=int, help="CBN: the --cond-dim given to export")
@@ -723,23 +745,57 @@ def _add_selection_args(p: argparse.ArgumentParser, strict: bool = True) -> None
 
 
 # -- parser -----------------------------------------------------------------------------------
-def _add_model_args(p: argparse.ArgumentParser, to_choices: Sequence[str]) -> None:
+_TO_HELP = ("fold: BatchNorm into its neighbouring Conv/Linear; cbn: Conditional BatchNorm "
+            "(needs --cond-dim or --num-classes); rbn: Representative BatchNorm")
+
+
+def _add_model_args(p: argparse.ArgumentParser, to_choices: Sequence[str],
+                    shape_required: bool = False) -> None:
     p.add_argument("model", help="package.module:callable, path/to/file.py:callable, or a "
                                  "torch.export program file model.pt2")
+    none = "; none: no conversion, export the model as it is" if "none" in to_choices else ""
     p.add_argument("--to", default="fold", choices=list(to_choices),
-                   help="transform (default: fold)")
-    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
+                   help=f"the transform (default: fold). {_TO_HELP}{none}")
+    where = p.add_argument_group("required arguments") if shape_required else p
+    p._ns_required = where  # type: ignore[attr-defined]
+    where.add_argument("--input-shape",
+                       help="example input shape, e.g. 1,3,224,224" + (
+                           " (not needed for a .pt2 program that holds example inputs)"
+                           if shape_required else "; enables the self-check and concrete "
+                           "tracing"))
     p.add_argument("--weights", help="a state_dict file to load into the model")
     p.add_argument("--seed", type=int, default=0, help="seed for building the model (default 0)")
     p.add_argument("--cond-dim", type=int, help="CBN: width of the condition embedding")
     p.add_argument("--num-classes", type=int, help="CBN: condition on integer labels instead")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal, examples (epilogs) kept line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (what to fix and where to get help)."""
+    """argparse, but a usage mistake is one line (what to fix and where to get help), and a
+    mistyped choice (a subcommand, --to) names the nearest valid one."""
 
     def error(self, message: str) -> Any:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"normsurgeon: error: {message} (see {self.prog} --help)\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is not None and value not in choices:
+            import difflib
+
+            names = [str(c) for c in choices]
+            close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}{hint} (choose from {', '.join(names)})")
+        super()._check_value(action, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -747,7 +803,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="normsurgeon",
-        description="Surgery on the normalization layers of trained PyTorch models.")
+        description="Surgery on the normalization layers of trained PyTorch models: fold "
+                    "BatchNorm (in a Python model, a .pt2 program or an .onnx file), replace "
+                    "it with Conditional or Representative BatchNorm, export to ONNX and "
+                    "verify, recalibrate statistics. `normsurgeon COMMAND --help` explains "
+                    "each command. Exit codes: 0 success, 1 a check or verification failed, "
+                    "2 a usage mistake (one line says what to fix), 130 interrupted.",
+        epilog="examples:\n  normsurgeon demo\n"
+               "  normsurgeon inspect pytorchcv.models.resnet:resnet50 --input-shape "
+               "1,3,224,224\n  normsurgeon fold model.onnx -o folded.onnx",
+        formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"normsurgeon {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -756,14 +821,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show what conversion would do to every BatchNorm",
                        description="A table of every BatchNorm site and what --to would do "
-                                   "with it. Nothing is written.")
+                                   "with it (folded into which layer, or why it is left). "
+                                   "Nothing is written. MODEL may be a .pt2 program.",
+                       epilog="examples:\n  normsurgeon inspect pytorchcv.models.densenet:"
+                              "densenet121 --input-shape 1,3,224,224\n"
+                              "  normsurgeon inspect model.pt2 --json",
+                       formatter_class=_Formatter)
     _add_model_args(p, choices)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_selection_args(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="fold a third-party model (pytorchcv ResNet-18) and report")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="fold a third-party model (pytorchcv ResNet-18) and report",
+                       description="Fold pytorchcv's ResNet-18 (random weights, randomized "
+                                   "BatchNorm statistics, nothing downloaded) and print the "
+                                   "report and the measured output difference. Needs "
+                                   "pytorchcv: pip install --no-deps pytorchcv.",
+                       epilog="example:\n  normsurgeon demo --seed 3",
+                       formatter_class=_Formatter)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights, statistics and input (default 0)")
     p.set_defaults(func=cmd_demo)
     for extra in _EXTRA_COMMANDS:
         extra(sub, choices)
@@ -804,7 +881,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     NOTES.clear()
     try:
         code = int(args.func(args))
-        for note in NOTES:
+        for note in NOTES if args.verbose else ():
             print(f"normsurgeon: note: {note}", file=sys.stderr)
         return code
     except StrictModeError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -240,10 +241,48 @@ def test_strict_include_exclude_on_the_command_line(mistakes, capsys):
     assert code == 0 and "1 folded, 1 excluded" in out
 
 
-def test_training_mode_factory_is_said_not_silent(model_file, capsys):
+def test_training_mode_factory_is_said_with_verbose_only(model_file, capsys):
+    """Every ordinary factory returns a training-mode model: putting it in eval mode is said
+    with -v, not on every run."""
     code = cli.main(["inspect", model_file])  # FACTORY's model is in training mode
     err = capsys.readouterr().err
+    assert code == 0 and "training mode" not in err
+    code = cli.main(["-v", "inspect", model_file])
+    err = capsys.readouterr().err
     assert code == 0 and "training mode" in err and "eval mode" in err
+
+
+def test_every_subcommand_has_a_description_and_an_example():
+    """--help suffices alone: a description, an example line that starts with `normsurgeon
+    <command>`, help on every option, and required options listed as required."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"inspect", "demo", "export", "verify", "recalibrate", "fold"}
+    for name, p in sub.choices.items():
+        assert p.description and len(p.description) > 40, name
+        assert p.epilog and f"normsurgeon {name} " in p.epilog, name
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, (name, action.dest)
+        required = [a for a in p._actions if a.option_strings and a.required]
+        groups = {g.title: g._group_actions for g in p._action_groups}
+        assert all(a in groups.get("required arguments", []) for a in required), name
+    text = sub.choices["export"].format_help()
+    assert "none: no conversion" in text and "required arguments" in text
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["fodl", "x.onnx"], "did you mean fold?"),
+    (["inpsect", "m.py:f"], "did you mean inspect?"),
+    (["export", "m.py:f", "--to", "cnb"], "did you mean cbn?"),
+    (["inspect", "m.py:f", "--to", "rbm"], "did you mean rbn?"),
+    (["verify", "x.onnx", "--model", "m.py:f", "--to", "nnoe"], "did you mean none?"),
+])
+def test_a_mistyped_choice_suggests_the_nearest_one(argv, hint, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and hint in err and len(err.splitlines()) == 1
 
 
 def test_ctrl_c_exits_130_without_traceback(mistakes, tmp_path):
@@ -277,5 +316,5 @@ def test_verify_help_explains_its_options(capsys):
         cli.main(["verify", "--help"])
     out = capsys.readouterr().out
     for words in ("the --seed given to export", "families of inputs", "Exit 0",
-                  "the transform the file was exported with"):
+                  "the --to the file was exported with"):
         assert words in " ".join(out.split()), words
