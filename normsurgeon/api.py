@@ -65,7 +65,9 @@ def convert(
         example_inputs: a tensor or tuple of positional inputs. Optional, but it lets
             normsurgeon trace models that ``torch.fx`` cannot (concrete tracing), prove 2-D
             layouts for Linear ↔ BatchNorm1d folds, and measure the output difference.
-        include / exclude: glob pattern(s) on BatchNorm qualified names (``"layer1.*"``).
+        include: glob pattern(s) on BatchNorm qualified names (``"layer1.*"``): convert only
+            the sites that match.
+        exclude: glob pattern(s): leave the sites that match (reported as ``excluded``).
         inplace: modify ``model`` itself instead of a deep copy.
         strict: raise :class:`StrictModeError` listing every site that would be left alone,
             before anything is changed.

@@ -149,7 +149,8 @@ def recalibrate(model: nn.Module, data: Iterable[Any], *, num_batches: int | Non
         forward: ``forward(model, batch)`` feeds one batch (overrides the rules above).
         exact: the fixed point of docs/recalibrate.md (one pass per normalization depth;
             ``data`` must be iterable more than once).
-        include / exclude: glob patterns on layer names.
+        include: glob pattern(s) on layer names: recalibrate only those.
+        exclude: glob pattern(s) on layer names: leave those.
         inplace: update ``model`` itself.
         progress: a tqdm bar (default: on a terminal, when the number of batches is known).
 

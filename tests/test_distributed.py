@@ -1,4 +1,4 @@
-"""CBN / RBN under DistributedDataParallel: gloo backend, 2 CPU processes (docs/layers.md)."""
+"""CBN / RBN under DistributedDataParallel: gloo backend, 2 CPU processes (docs/cbn-rbn.md)."""
 
 from __future__ import annotations
 

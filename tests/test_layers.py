@@ -1,4 +1,4 @@
-"""CBN and RBN layers: docs/layers.md math, BN-like behaviour, conditions, optimiser groups."""
+"""CBN and RBN layers: docs/cbn-rbn.md math, BN-like behaviour, conditions, optimiser groups."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def trained_bn(c: int = 6, affine: bool = True, momentum: float | None = 0.1) ->
 
 
 def rbn_reference(layer: RepresentativeBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """docs/layers.md written out literally, in float64, eval mode."""
+    """docs/cbn-rbn.md written out literally, in float64, eval mode."""
     d = {k: v.detach().double() for k, v in layer.state_dict().items() if v.is_floating_point()}
     c = x.shape[1]
     v = (1, c, 1, 1)
@@ -59,7 +59,7 @@ def test_rbn_from_batchnorm_is_exact_and_keeps_names(affine):
 
 
 def test_paper_init_is_not_function_preserving():
-    """docs/layers.md: r = sigmoid(1) ≈ 0.731 scales every output of a paper-initialised RBN."""
+    """docs/cbn-rbn.md: r = sigmoid(1) ≈ 0.731 scales every output of a paper-initialised RBN."""
     rbn = RepresentativeBatchNorm2d(6).eval()
     x = torch.randn(4, 6, 5, 5)
     ref = F.batch_norm(x, rbn.running_mean, rbn.running_var, None, None, False, 0.0, rbn.eps)
@@ -222,7 +222,7 @@ def test_param_groups_only_new_parameters_without_decay_on_deltas():
 
 
 def _rbn_train_reference(layer, x):
-    """docs/layers.md in training mode, literally, with F.batch_norm's batch statistics."""
+    """docs/cbn-rbn.md in training mode, literally, with F.batch_norm's batch statistics."""
     c = x.shape[1]
     v = (1, c, 1, 1)
     x_c = x + layer.centering_weight.view(v) * x.mean((2, 3), keepdim=True)

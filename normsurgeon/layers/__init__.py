@@ -1,4 +1,4 @@
-"""normsurgeon's own normalization layers (never ``_BatchNorm`` subclasses; docs/layers.md)."""
+"""normsurgeon's own normalization layers (never ``_BatchNorm`` subclasses; docs/cbn-rbn.md)."""
 
 from __future__ import annotations
 

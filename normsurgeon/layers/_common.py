@@ -1,6 +1,6 @@
 """What CBN and RBN share with BatchNorm: running statistics, momentum, sync across processes.
 
-Neither layer subclasses ``_BatchNorm`` (docs/layers.md): ``isinstance(m, _BatchNorm)`` checks in
+Neither layer subclasses ``_BatchNorm`` (docs/cbn-rbn.md): ``isinstance(m, _BatchNorm)`` checks in
 ``SyncBatchNorm.convert_sync_batchnorm`` or folding passes would treat them as plain BN and
 silently drop the condition or the calibration. Instead they carry the same parameter and buffer
 names (so BN checkpoints load) and this module gives them BN's statistics semantics.

@@ -1,4 +1,4 @@
-r"""Conditional BatchNorm (de Vries et al., 2017), docs/layers.md.
+r"""Conditional BatchNorm (de Vries et al., 2017), docs/cbn-rbn.md.
 
 .. math::
     [Δγ, Δβ] = W_2 \, \mathrm{relu}(W_1 e + b_1) + b_2, \qquad

@@ -1,4 +1,4 @@
-r"""Representative BatchNorm (Gao et al., CVPR 2021), docs/layers.md, implemented from the formulas.
+r"""Representative BatchNorm (Gao et al., CVPR 2021), docs/cbn-rbn.md: from the formulas.
 
 With ``m(z)`` the per-instance, per-channel spatial mean:
 
@@ -13,7 +13,7 @@ The paper's init (``w_c = w_v = 0``, ``b_v = 1``) scales every output by sigmoid
 A converted layer compensates with a buffer ``scaling_reference`` ``r₀ = sigmoid(b_v)`` taken at
 conversion: ``y = γ ⊙ (r / r₀) ⊙ x_n + β`` (``r₀ = 1`` for a layer built from scratch: the
 paper's formula). ``weight`` stays the original γ, so the original BatchNorm's checkpoint loads
-into a converted model and it is still the original function (docs/layers.md).
+into a converted model and it is still the original function (docs/cbn-rbn.md).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class RepresentativeBatchNorm2d(NormStatsMixin):
         return layer
 
     def new_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """The calibration parameters; none takes weight decay (docs/layers.md)."""
+        """The calibration parameters; none takes weight decay (docs/cbn-rbn.md)."""
         return {"decay": [],
                 "no_decay": [self.centering_weight, self.scaling_weight, self.scaling_bias]}
 

@@ -1,5 +1,5 @@
 """Replacement transforms: BatchNorm2d → Conditional BatchNorm (``cbn``) or Representative
-BatchNorm (``rbn``), function-preserving (docs/layers.md).
+BatchNorm (``rbn``), function-preserving (docs/cbn-rbn.md).
 
 Replacement swaps modules where they are registered, so it needs no graph and reaches BNs in
 code that cannot be traced. Only CBN needs a graph: to thread the condition. When the whole
