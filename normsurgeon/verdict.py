@@ -126,7 +126,7 @@ def judge(rel: float, ref: Any, report: ConversionReport, *, check: bool, half: 
     report.bar = bar
     if rel > bar or rel != rel:
         msg = (f"{what} differs from the original by rel {rel:.3e} on the example inputs, "
-               f"above the bar {bar:.1e} (docs/bars.md)")
+               f"above the bar {bar:.1e} (README, 'Exactness')")
         if check:
             sites = culprits() if culprits is not None else []
             where = (f"; responsible: {', '.join(sites)} (exclude= them to convert the rest)"
