@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy as np
 from .. import foldmath as Fn
 from ..errors import ConversionMismatchError, StrictModeError
 from ..report import Action, ConversionReport, ConversionResult, SiteRecord
-from ..rules.plan import FoldFacts, decide, decide_cat
+from ..rules.plan import FoldFacts, FoldPlan, decide, decide_cat, first_exact
 from ..rules.stats import BNStats, prime_scale_shift
 
 __all__ = ["convert_onnx", "load_onnx", "save_onnx", "is_onnx"]
@@ -315,16 +316,6 @@ class _Site:
     problem: str | None = None
 
 
-@dataclass
-class _Plan:
-    site: _Site
-    layer: _Layer
-    direction: str
-    via: list[int] = field(default_factory=list)  # transparent nodes between, in data order
-    parts: list[_Layer] = field(default_factory=list)  # Concat(conv, ...) → BN
-    concat: int | None = None
-
-
 def _passes_through(g: _Graph, k: int | None) -> bool:
     """Identity, inference Dropout, and Pad copying each channel's own values (reflect, edge,
     wrap): a per-channel affine map commutes with them."""
@@ -394,7 +385,7 @@ class _Planner:
                           eps=float(a.get("epsilon", 1e-5)))
         return None
 
-    def candidate(self, s: _Site, direction: str) -> _Plan | None:
+    def candidate(self, s: _Site, direction: str) -> FoldPlan | None:
         g, n = self.g, self.g.node(s.index)
         via: list[int] = []
         if direction == "producer":
@@ -406,7 +397,7 @@ class _Planner:
                 k = g.producer.get(name)
             layer = _layer(g, k)
             if layer is not None and g.node(layer.index).output[0] == name:
-                return _Plan(s, layer, direction, via)
+                return FoldPlan(s, layer, direction, via)
             return self._concat_candidate(s, k, name, via)
         name = n.output[0]
         users = g.users.get(name, [])
@@ -419,10 +410,10 @@ class _Planner:
         layer = _layer(g, k)
         if layer is None or layer.input != name:
             return None
-        return _Plan(s, layer, direction, via)
+        return FoldPlan(s, layer, direction, via)
 
     def _concat_candidate(self, s: _Site, k: int | None, name: str, via: list[int]
-                          ) -> _Plan | None:
+                          ) -> FoldPlan | None:
         """``Concat(axis=1)`` of Conv outputs → BN (MixConv, Inception)."""
         g = self.g
         if k is None:
@@ -438,9 +429,9 @@ class _Planner:
         if any(x is None or x.kind != "conv" or g.node(x.index).output[0] != i
                for x, i in zip(parts, n.input)):
             return None
-        return _Plan(s, parts[0], "producer", via, parts=parts, concat=k)  # type: ignore
+        return FoldPlan(s, parts[0], "producer", via, parts=parts, cat=k)  # type: ignore
 
-    def facts(self, p: _Plan) -> FoldFacts:
+    def facts(self, p: FoldPlan) -> FoldFacts:
         g, s, layer = self.g, p.site, p.layer
         assert s.stats is not None
         ln = g.node(layer.index)
@@ -515,7 +506,7 @@ class _Planner:
             risky=w is not None and str(w.dtype) in ("float16", "bfloat16"),
             folded=lambda: self.folded(p), weight_dtype=w.dtype if w is not None else None)
 
-    def folded(self, p: _Plan, current: tuple[np.ndarray, np.ndarray | None] | None = None
+    def folded(self, p: FoldPlan, current: tuple[np.ndarray, np.ndarray | None] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """(W', b') in the layer's own layout and dtypes (the bias takes the weight's dtype
         when the layer had none). ``current``: the layer's (W, b) after an earlier fold on
@@ -551,23 +542,23 @@ class _Planner:
         w2 = Fn.cast_like(w64 if trans_b else w64.T, w)
         return w2, b64.astype(b_dtype)
 
-    def _decide_concat(self, p: _Plan) -> str | None:
+    def _decide_concat(self, p: FoldPlan) -> str | None:
         g, s = self.g, p.site
-        assert s.stats is not None and p.concat is not None
+        assert s.stats is not None and p.cat is not None
         facts, start = [], 0
         for i, layer in enumerate(p.parts):
-            f = self.facts(_Plan(s, layer, "producer"))
+            f = self.facts(FoldPlan(s, layer, "producer"))
             w = g.const(layer.weight)
             end = start + (int(w.shape[0]) if w is not None else 0)
             out = g.node(layer.index).output[0]
             what = f.what
             f.chain = (lambda out=out, what=what: f"{what}'s output has other users"
-                       if g.users.get(out) != [p.concat] or out in g.outputs else None)
+                       if g.users.get(out) != [p.cat] or out in g.outputs else None)
             f.bn_features = end - start
             f.folded = lambda i=i: self.folded_parts(p)[i]
             facts.append(f)
             start = end
-        chain_nodes = [p.concat, *p.via, s.index]
+        chain_nodes = [p.cat, *p.via, s.index]
 
         def cat_chain() -> str | None:
             for a, b in zip(chain_nodes, chain_nodes[1:]):
@@ -578,7 +569,7 @@ class _Planner:
 
         return decide_cat(cat_chain, facts, s.stats.num_features)
 
-    def folded_parts(self, p: _Plan, current: dict[int, Any] | None = None
+    def folded_parts(self, p: FoldPlan, current: dict[int, Any] | None = None
                      ) -> list[tuple[np.ndarray, np.ndarray]]:
         """(W', b') of each conv of a Concat → BN: conv i takes its slice of the BN."""
         g = self.g
@@ -597,27 +588,28 @@ class _Planner:
             start = end
         return out
 
-    def plan(self, s: _Site) -> tuple[_Plan | None, str]:
-        reasons: dict[str, str] = {}
-        for direction in ("producer", "consumer"):
-            p = self.candidate(s, direction)
-            if p is None:
-                continue
-            why = self._decide_concat(p) if p.parts else decide(self.facts(p))
-            if why is None:
-                return p, ""
-            reasons.setdefault(direction, why)
+    def plan(self, s: _Site) -> tuple[FoldPlan | None, str]:
         n = self.g.node(s.index)
-        if "producer" not in reasons:
+
+        def candidates() -> Iterator[tuple[str, FoldPlan, Callable[[], str | None]]]:
+            for direction in ("producer", "consumer"):
+                p = self.candidate(s, direction)
+                if p is not None:
+                    yield direction, p, lambda p=p: (self._decide_concat(p) if p.parts
+                                                     else decide(self.facts(p)))
+
+        def no_producer() -> str:
             k = self.g.producer.get(n.input[0])
             what = f"{self.g.node(k).op_type} {self.g.node(k).name}".strip() if k is not None \
                 else f"graph input {n.input[0]!r}"
-            reasons["producer"] = f"producer is {what}, not a Conv/ConvTranspose/Gemm"
-        if "consumer" not in reasons:
+            return f"producer is {what}, not a Conv/ConvTranspose/Gemm"
+
+        def no_consumer() -> str:
             readers = self.g.readers(n.output[0])
-            reasons["consumer"] = (f"consumer is {readers[0]}, not a Conv/Gemm" if len(readers)
-                                   == 1 else f"output has {len(readers)} readers")
-        return None, "; ".join(f"{k}: {v}" for k, v in reasons.items())
+            return (f"consumer is {readers[0]}, not a Conv/Gemm" if len(readers) == 1
+                    else f"output has {len(readers)} readers")
+
+        return first_exact(candidates(), no_producer, no_consumer)
 
 
 def _key(layer: _Layer) -> int:
@@ -641,7 +633,7 @@ def _nested_bns(node: Any) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------
-def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
+def _write(model: Any, planner: _Planner, plans: list[FoldPlan]) -> Any:
     import onnx
     from onnx import numpy_helper
 
@@ -730,7 +722,7 @@ def _write(model: Any, planner: _Planner, plans: list[_Plan]) -> Any:
         if p.direction == "producer":
             # the node feeding the BN (the layer, a transparent node, the Concat) takes the
             # BN's output name: graph output names stay
-            feeder = p.via[-1] if p.via else (p.concat if p.parts else p.layer.index)
+            feeder = p.via[-1] if p.via else (p.cat if p.parts else p.layer.index)
             graph.node[feeder].output[0] = bn.output[0]
         else:
             reader = p.via[0] if p.via else p.layer.index
@@ -793,7 +785,7 @@ def convert_onnx(model: Any, *, example_inputs: Any = None, include: list[str] |
                         f"{type(model).__name__}")
     planner = _Planner(model, allow_overridable_initializers)
     records: dict[str, SiteRecord] = {}
-    plans: list[_Plan] = []
+    plans: list[FoldPlan] = []
     order: list[str] = []
     for s in planner.sites:
         order.append(s.name)

@@ -5,6 +5,7 @@ Producer direction (BN after the layer) is tried first, then consumer (BN before
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,7 +19,7 @@ from ..report import Action, SiteRecord
 from ..tracing import path_problem, value_users
 from .base import BNSite, Context, Decision, Rule, Transform
 from .checks import bn_behaviour, hook_problem
-from .plan import FoldFacts, decide, decide_cat
+from .plan import FoldFacts, decide, decide_cat, first_exact
 
 __all__ = ["FoldTransform", "FOLD_RULES"]
 
@@ -445,23 +446,21 @@ class FoldTransform(Transform):
             if verdict.problem:
                 return Decision(site, reason=verdict.problem)
             site.keep_child = verdict.keep_child
-        reasons = {}
-        for rule in self.rules:
-            m = rule.match(ctx, site)
-            if m is None:
-                continue
-            why = rule.check(ctx, m)
-            if why is None:
-                return Decision(site, rule, m, action=Action.FOLDED)
-            reasons.setdefault(rule.direction, why)
-        if "producer" not in reasons:
-            reasons["producer"] = (f"producer is {_describe(site.input_node, site.region.module)}"
-                                   ", not a Conv/ConvTranspose/Linear")
-        if "consumer" not in reasons:
+        def candidates() -> Iterator[tuple[str, tuple[Rule, Any], Callable[[], str | None]]]:
+            for rule in self.rules:  # producer rules first
+                m = rule.match(ctx, site)
+                if m is not None:
+                    yield rule.direction, (rule, m), lambda rule=rule, m=m: rule.check(ctx, m)
+
+        def no_consumer() -> str:
             users = value_users(site.node)
             if len(users) == 1:
-                reasons["consumer"] = (f"consumer is {_describe(users[0], site.region.module)}"
-                                       ", not a Conv/Linear")
-            else:
-                reasons["consumer"] = f"output has {len(users)} users"
-        return Decision(site, reason="; ".join(f"{k}: {v}" for k, v in reasons.items()))
+                return f"consumer is {_describe(users[0], site.region.module)}, not a Conv/Linear"
+            return f"output has {len(users)} users"
+
+        chosen, reason = first_exact(
+            candidates(), lambda: (f"producer is {_describe(site.input_node, site.region.module)}"
+                                   ", not a Conv/ConvTranspose/Linear"), no_consumer)
+        if chosen is not None:
+            return Decision(site, chosen[0], chosen[1], action=Action.FOLDED)
+        return Decision(site, reason=reason)

@@ -16,22 +16,58 @@ front end uses it without importing torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from ..arrays import all_finite
 
 Tensor = Any  # a torch.Tensor or a numpy array (:mod:`normsurgeon.arrays`): no torch import
 
-__all__ = ["FoldFacts", "decide", "decide_cat", "batched_problem", "two_dim_problem",
-           "chain_problem"]
+__all__ = ["FoldFacts", "FoldPlan", "decide", "decide_cat", "first_exact", "batched_problem",
+           "two_dim_problem", "chain_problem"]
 
 Lazy = Any  # str | None, or a callable returning one
 
 
 def _get(x: Lazy) -> Any:
     return x() if callable(x) else x
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class FoldPlan:
+    """One candidate fold found by a graph front end (its nodes are the front end's own: fx
+    nodes, ONNX node indices)."""
+
+    site: Any  # the BatchNorm
+    layer: Any  # the Conv / ConvTranspose / Linear (the first conv of a cat)
+    direction: str  # "producer" or "consumer"
+    via: list[Any] = field(default_factory=list)  # transparent nodes between, in data order
+    parts: list[Any] = field(default_factory=list)  # cat(conv, ...) → BN: every conv
+    cat: Any = None  # the concatenation
+
+
+def first_exact(candidates: Iterable[tuple[str, T, Callable[[], str | None]]],
+                no_producer: Callable[[], str], no_consumer: Callable[[], str]
+                ) -> tuple[T | None, str]:
+    """The first candidate ``(direction, candidate, check)`` whose check finds no problem; the
+    front ends list producers first, so when a BN could fold either way, folding into the
+    producer wins. Else ``(None, reason)``: each direction's first problem, or, for a direction
+    with no candidate, what its neighbour is (``no_producer()`` / ``no_consumer()``)."""
+    reasons: dict[str, str] = {}
+    for direction, candidate, check in candidates:
+        why = check()
+        if why is None:
+            return candidate, ""
+        reasons.setdefault(direction, why)
+    if "producer" not in reasons:
+        reasons["producer"] = no_producer()
+    if "consumer" not in reasons:
+        reasons["consumer"] = no_consumer()
+    return None, "; ".join(f"{k}: {v}" for k, v in reasons.items())
 
 
 @dataclass
